@@ -1,0 +1,1 @@
+"""Kernels for packed low-bit linear layers; `registry` is the single dispatch point."""

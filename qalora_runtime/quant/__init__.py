@@ -1,0 +1,1 @@
+"""Quantization primitives: the spec of a quantized layer, GPTQ bit packing, RTN quantization."""
