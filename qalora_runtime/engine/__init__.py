@@ -1,0 +1,1 @@
+"""Engine layer: the synchronous engine core, its asyncio facade and the offline LLM API."""
