@@ -119,7 +119,10 @@ class ScriptedEngine:
         )
 
     async def abort(self, request_id: str) -> None:
-        if request_id in self.running:
+        self._mark_aborted(request_id)
+
+    def _mark_aborted(self, request_id: str) -> None:
+        if request_id in self.running:  # finished and unknown ids are ignored, as the engine does
             self.aborted.append(request_id)
             self._abort_flags.add(request_id)
             self.running.discard(request_id)
@@ -170,7 +173,8 @@ class ScriptedEngine:
                 if finished:
                     return
         finally:
-            self.running.discard(request_id)
+            # Like the real engine: a consumer that stops early (closed or cancelled) aborts.
+            self._mark_aborted(request_id)
 
     def _advance(self, s: _Sample, params: SamplingParams) -> CompletionOutput:
         pos = len(s.token_ids)
