@@ -45,6 +45,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.info("serving model %r", model_name)
+        state.accepting = True  # an app may be started again after a shutdown (test clients do)
         yield
         # uvicorn has stopped accepting and drained connections (up to its graceful
         # timeout) by now; whatever still runs in the engine is given the rest.

@@ -94,6 +94,11 @@ class RequestGroup:
         except ValueError as exc:
             await self.close()
             raise APIError(400, str(exc)) from exc
+        except Exception as exc:
+            await self.close()
+            if not self._engine.is_healthy:  # e.g. "not accepting requests" while it shuts down
+                raise APIError(503, f"the engine is not available: {exc}", code="engine_unavailable") from exc
+            raise
         except BaseException:
             await self.close()
             raise
