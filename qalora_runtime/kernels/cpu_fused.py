@@ -1,0 +1,119 @@
+"""Fused low-bit CPU kernels (2/3/4/8-bit, float zero-points) from the C++ extension in ``csrc/``.
+
+Three strategies, chosen per call from the number of rows ``M``:
+
+* ``q8`` (decode, bf16 activations): activations quantized to int8 per 32-block,
+  integer dot products (AVX2 ``maddubs``), one FMA per block plus one per group
+  for the float zero (llama.cpp's approach). Error ~1e-3 relative, comparable to
+  bf16 rounding of the activations themselves.
+* ``f32`` (decode, fp32 activations): the same decode converted to fp32 and
+  multiplied exactly; error ~1e-6 relative.
+* ``gemm`` (prefill): dequantize an L2-sized tile to fp32 and run a register-blocked
+  FMA kernel over all rows; exact like ``f32``.
+
+Set ``QALORA_CPU_INT8_ACT=1`` to use ``q8`` for fp32 activations too (faster,
+less exact). If the extension cannot be built this module registers nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..quant.spec import QuantSpec
+from .cpu_fused_build import load_extension
+from .cpu_fused_pack import repack
+from .registry import LinearKernel, register_kernel
+
+MODE_Q8, MODE_F32, MODE_GEMM = 0, 1, 2
+INT8_ACT_ENV = "QALORA_CPU_INT8_ACT"
+
+#: Smallest M that takes the tiled GEMM path, per activation dtype (measured with
+#: ``python -m qalora_runtime.bench.kernels --crossover``, see docs/BENCHMARKS.md).
+GEMM_MIN_M = {torch.float32: 3, torch.bfloat16: 12}
+
+_ext = load_extension()
+
+
+def fused_linear(
+    x: torch.Tensor,
+    qw: torch.Tensor,
+    ss: torch.Tensor,
+    spec: QuantSpec,
+    out_features: int,
+    mode: int | None = None,
+    allow_simd: bool = True,
+) -> torch.Tensor:
+    """``x[M, K]`` (fp32/bf16) -> ``y[M, N]`` in x's dtype; ``mode`` None picks by M and dtype."""
+    if _ext is None:
+        raise RuntimeError("qalora cpu_fused extension is not available")
+    if mode is None:
+        mode = choose_mode(x.shape[0], x.dtype)
+    return _ext.linear(x, qw, ss, spec.bits, spec.group_size, out_features, mode, allow_simd)
+
+
+def choose_mode(m: int, dtype: torch.dtype) -> int:
+    """Strategy for ``m`` rows of ``dtype`` activations (thresholds measured, see GEMM_MIN_M)."""
+    if m >= GEMM_MIN_M.get(dtype, 8):
+        return MODE_GEMM
+    if dtype == torch.bfloat16 or os.environ.get(INT8_ACT_ENV, "") == "1":
+        return MODE_Q8
+    return MODE_F32
+
+
+class CpuFusedKernel(LinearKernel):
+    """AVX2 fused dequant GEMV/GEMM for 2/3/4/8-bit float-zero layers (fp32 and bf16 activations).
+
+    The weight stays packed (``bits/8`` bytes per weight plus fp32 scale and
+    scale*zero per group); no dense copy of a layer is ever kept.
+    """
+
+    name = "cpu_fused"
+    # Above cpu_int4pack: on the AVX2 hosts measured it is faster at every M (BENCHMARKS.md).
+    priority = 20
+
+    @classmethod
+    def supports(
+        cls,
+        spec: QuantSpec,
+        in_features: int,
+        out_features: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> bool:
+        return (
+            _ext is not None
+            and torch.device(device).type == "cpu"
+            and dtype in (torch.float32, torch.bfloat16)
+            and spec.bits in (2, 3, 4, 8)
+            and spec.group_size % 32 == 0
+            and in_features % spec.group_size == 0
+            and out_features > 0
+        )
+
+    def prepare(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        spec: QuantSpec,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        qw, ss = repack(qweight, scales, zeros, spec)
+        # A zero-byte tensor whose shape carries N (the packed tensors are padded to N/4 quads).
+        return {"qw": qw, "ss": ss, "out_features": torch.empty(qweight.shape[1], 0, dtype=torch.uint8)}
+
+    def forward(
+        self, x: torch.Tensor, weights: dict[str, torch.Tensor], spec: QuantSpec
+    ) -> torch.Tensor:
+        n = weights["out_features"].shape[0]
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = fused_linear(x2, weights["qw"], weights["ss"], spec, n)
+        return y.reshape(*lead, n)
+
+
+if _ext is not None:
+    register_kernel(CpuFusedKernel)

@@ -1,0 +1,103 @@
+// Torch bindings for the qalora CPU fused kernels: argument checks, activation
+// preparation, runtime ISA dispatch and at::parallel_for over output quads.
+// The SIMD translation units are compiled for AVX2 via `#pragma GCC target` and
+// only entered after cpu_has_avx2(); everything here is baseline x86-64.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "qalora_layout.h"
+
+namespace qalora {
+
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+// Exact scalar path: per-element dequantize and fp32 accumulate (any CPU).
+void f32_gemv_scalar(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1) {
+  const int64_t K = L.K, bpg = L.bpg(), BB = L.bb();
+  for (int64_t nq = q0; nq < q1; ++nq) {
+    const uint8_t* wq = L.quad_q(nq);
+    const float* ss = L.quad_s(nq);
+    for (int c = 0; c < 4 && nq * 4 + c < L.N; ++c) {
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < L.kb(); ++b) {
+          const float s = ss[(b / bpg) * 8 + c], sz = ss[(b / bpg) * 8 + 4 + c];
+          const uint8_t* blk = wq + (b * 4 + c) * BB;
+          for (int i = 0; i < 32; ++i)
+            acc += (s * static_cast<float>(level_at(blk, L.bits, i)) - sz) * x[m * K + b * 32 + i];
+        }
+        y[m * L.N + nq * 4 + c] = acc;
+      }
+    }
+  }
+}
+
+}  // namespace qalora
+
+namespace {
+
+enum Mode : int64_t { kQ8 = 0, kF32 = 1, kGemm = 2 };
+
+at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
+                         int64_t group, int64_t N, int64_t mode, bool allow_simd) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "bad group size for K");
+  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous(), "qw must be contiguous uint8");
+  TORCH_CHECK(ss.scalar_type() == at::kFloat && ss.is_contiguous(), "ss must be contiguous float32");
+  const int64_t quads = (N + 3) / 4;
+  TORCH_CHECK(qw.numel() == quads * K * bits / 2, "qw size does not match K, N, bits");
+  TORCH_CHECK(ss.numel() == quads * (K / group) * 8, "ss size does not match K, N, group");
+
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const qalora::LayerView L{qw.data_ptr<uint8_t>(), ss.data_ptr<float>(), K, N, bits, group};
+  const bool simd = allow_simd && qalora::cpu_has_avx2();
+  at::Tensor y = (simd && mode == kGemm) ? at::zeros({M, N}, xf.options()) : at::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t G = K / group;
+
+  if (!simd) {
+    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::f32_gemv_scalar(L, xp, M, yp, b, e); });
+  } else if (mode == kQ8) {
+    at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
+    at::Tensor dx = at::empty({M, K / 32}, xf.options());
+    at::Tensor xs = at::empty({M, G}, xf.options());
+    int8_t* xqp = xq.data_ptr<int8_t>();
+    float* dxp = dx.data_ptr<float>();
+    float* xsp = xs.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      qalora::quantize_act_avx2(xp + m * K, K, group, xqp + m * K, dxp + m * (K / 32), xsp + m * G);
+    const qalora::QuantAct A{xqp, dxp, xsp};
+    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::q8_gemv_avx2(L, A, M, yp, b, e); });
+  } else if (mode == kF32) {
+    // Exact per-group sums of x for the zero-point term.
+    at::Tensor xs = xf.view({M, G, group}).sum(-1).contiguous();
+    const float* xsp = xs.data_ptr<float>();
+    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::f32_gemv_avx2(L, xp, xsp, M, yp, b, e); });
+  } else {
+    at::parallel_for(0, quads, qalora::kGemmQuads, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);
+      qalora::f32_gemm_avx2(L, xp, M, yp, b, e, buf.data());
+    });
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qalora fused low-bit CPU kernels (float zero-points)";
+  m.def("linear", &qalora_linear, "y = x @ W for a quad-interleaved packed layer",
+        py::arg("x"), py::arg("qw"), py::arg("ss"), py::arg("bits"), py::arg("group"), py::arg("N"),
+        py::arg("mode"), py::arg("allow_simd") = true);
+  m.def("has_avx2", &qalora::cpu_has_avx2, "whether the AVX2/FMA paths can run on this CPU");
+}

@@ -1,0 +1,98 @@
+// AVX2 prefill (large M) kernel: dequantize an L2-sized tile of the packed layer
+// to fp32 once, then run a 3-row x 4-column register-blocked dot-product kernel
+// over it for every row block of x. The dequantization (a few ops per weight) is
+// amortized over M rows, so for large M this runs at fp32 FMA speed while the
+// whole layer is never materialized (one tile per thread at a time).
+#pragma GCC target("avx2,fma,f16c")
+#include "qalora_layout.h"
+#include "qalora_unpack_avx2.h"
+
+namespace qalora {
+namespace {
+
+// buf[(qi*4 + c) * kGemmKC + kl] = s * q' - s*(z - off)  (exact fp32, one rounding)
+template <int BITS>
+void dequant_tile(const LayerView& L, int64_t qt, int64_t nquads, int64_t k0, int64_t kc, float* buf) {
+  const int64_t bpg = L.bpg(), BB = 4 * BITS;
+  for (int64_t qi = 0; qi < nquads; ++qi) {
+    const uint8_t* wq = L.quad_q(qt + qi);
+    const float* ss = L.quad_s(qt + qi);
+    for (int64_t b = k0 / 32; b < (k0 + kc) / 32; ++b) {
+      const float* sg = ss + (b / bpg) * 8;
+      for (int c = 0; c < 4; ++c) {
+        __m256 wf[4];
+        to_float<BITS>(unpack<BITS>(wq + (b * 4 + c) * BB), wf);
+        const __m256 s = _mm256_broadcast_ss(sg + c);
+        const __m256 sz = _mm256_broadcast_ss(sg + 4 + c);
+        float* dst = buf + (qi * 4 + c) * kGemmKC + (b * 32 - k0);
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + 8 * i, _mm256_fmsub_ps(wf[i], s, sz));
+      }
+    }
+  }
+}
+
+// y[m0+m, n0+c] += sum_k x[m, k] * w[c, k] for MR rows and 4 columns over kc inputs.
+template <int MR>
+void micro(const float* x, int64_t ldx, const float* w, int64_t kc, float* y, int64_t ldy, int64_t ncols) {
+  __m256 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < 4; ++c) acc[m][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; k += 8) {
+    __m256 xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
+    for (int c = 0; c < 4; ++c) {
+      const __m256 wv = _mm256_loadu_ps(w + c * kGemmKC + k);
+      for (int m = 0; m < MR; ++m) acc[m][c] = _mm256_fmadd_ps(xv[m], wv, acc[m][c]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float* dst = y + m * ldy;
+    __m128 r = hsum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+    if (ncols >= 4) {
+      _mm_storeu_ps(dst, _mm_add_ps(_mm_loadu_ps(dst), r));
+    } else {
+      float tmp[4];
+      _mm_storeu_ps(tmp, r);
+      for (int64_t c = 0; c < ncols; ++c) dst[c] += tmp[c];
+    }
+  }
+}
+
+template <int BITS>
+void gemm_range(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1, float* buf) {
+  const int64_t K = L.K;
+  for (int64_t qt = q0; qt < q1; qt += kGemmQuads) {
+    const int64_t nquads = q1 - qt < kGemmQuads ? q1 - qt : kGemmQuads;
+    for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
+      const int64_t kc = K - k0 < kGemmKC ? K - k0 : kGemmKC;
+      dequant_tile<BITS>(L, qt, nquads, k0, kc, buf);
+      int64_t m = 0;
+      for (; m + 3 <= M; m += 3) {
+        for (int64_t qi = 0; qi < nquads; ++qi) {
+          const int64_t n0 = (qt + qi) * 4, ncols = L.N - n0 < 4 ? L.N - n0 : 4;
+          micro<3>(x + m * K + k0, K, buf + qi * 4 * kGemmKC, kc, y + m * L.N + n0, L.N, ncols);
+        }
+      }
+      for (; m < M; ++m) {
+        for (int64_t qi = 0; qi < nquads; ++qi) {
+          const int64_t n0 = (qt + qi) * 4, ncols = L.N - n0 < 4 ? L.N - n0 : 4;
+          micro<1>(x + m * K + k0, K, buf + qi * 4 * kGemmKC, kc, y + m * L.N + n0, L.N, ncols);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void f32_gemm_avx2(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1,
+                   float* buf) {
+  switch (L.bits) {
+    case 2: gemm_range<2>(L, x, M, y, q0, q1, buf); break;
+    case 3: gemm_range<3>(L, x, M, y, q0, q1, buf); break;
+    case 4: gemm_range<4>(L, x, M, y, q0, q1, buf); break;
+    default: gemm_range<8>(L, x, M, y, q0, q1, buf); break;
+  }
+}
+
+}  // namespace qalora
