@@ -177,7 +177,7 @@ def _gptq_modules(names: list[str]) -> list[str]:
     return sorted({n[: -len(".qweight")] for n in names if n.endswith(".qweight")})
 
 
-def load_gptq(src_dir: str | os.PathLike) -> InMemoryCheckpoint:
+def load_gptq(src_dir: str | os.PathLike, progress: bool = True) -> InMemoryCheckpoint:
     """Read a GPTQ directory into an in-memory merged checkpoint (nothing written)."""
     src = require_dir(src_dir, "GPTQ checkpoint")
     cfg, model_config = read_gptq_config(src)
@@ -187,7 +187,7 @@ def load_gptq(src_dir: str | os.PathLike) -> InMemoryCheckpoint:
         raise CheckpointError(f"{src} has no GPTQ layers (no *.qweight tensors)")
     out: dict[str, torch.Tensor] = {}
     specs: dict[str, QuantSpec] = {}
-    for m in tqdm(modules, desc="import GPTQ", unit="layer", disable=None):
+    for m in tqdm(modules, desc="import GPTQ", unit="layer", disable=None if progress else True):
         qw = read_gptq_layer(m, raw, cfg)
         specs[m] = qw.spec
         out[f"{m}.qweight"] = qw.qweight
@@ -229,13 +229,13 @@ def is_gptq_dir(path: str | os.PathLike) -> bool:
     return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq"
 
 
-def convert_gptq(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def convert_gptq(src_dir: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Convert a GPTQ checkpoint directory into a merged-format directory ``out_dir``.
 
     Written atomically: on any error ``out_dir`` is not created.
     """
     check_output_dir(out_dir)  # fail before the (slow) read, not after
-    ckpt = load_gptq(src_dir)
+    ckpt = load_gptq(src_dir, progress)
     path = ckpt.save(out_dir)
     logger.info("wrote merged checkpoint to %s", path)
     return path

@@ -153,6 +153,10 @@ def read_qalora_adapter(adapter_dir: str | os.PathLike, convention: str = "peft"
             raise CheckpointError(
                 f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not [r, K/L] and [N, r]"
             )
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise CheckpointError(f"{module}: lora_A/lora_B must be float tensors, got {a.dtype} and {b.dtype}")
+        if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise CheckpointError(f"{module}: lora_A/lora_B contain NaN or infinite values")
         r = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"]))
         alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"]))
         if a.shape[0] != r:

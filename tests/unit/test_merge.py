@@ -276,6 +276,8 @@ MALFORMED = {
                r"lora_A has shape \[4, 8\], expected \[r, 256 / 64\]"),
     "A/B rank": (lambda a: _edit_tensors(a, lambda t: t.update({B_Q: torch.zeros(64, 3)})),
                  r"lora_A \[4, 4\] and lora_B \[64, 3\] are not \[r, K/L\] and \[N, r\]"),
+    "nan": (lambda a: _edit_tensors(a, lambda t: t[B_Q].__setitem__((0, 0), float("nan"))),
+            "q_proj: lora_A/lora_B contain NaN or infinite values"),
     "missing B": (lambda a: _edit_tensors(a, lambda t: t.pop(B_Q)), "q_proj has no lora_B weight"),
     "extra tensor": (lambda a: _edit_tensors(a, lambda t: t.update({"base_model.model.foo.lora_magnitude_vector": torch.zeros(3)})),
                      "unexpected tensor base_model.model.foo.lora_magnitude_vector"),
