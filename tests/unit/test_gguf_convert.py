@@ -54,7 +54,9 @@ def _hf_weights(seed: int = 0, tied: bool = True) -> dict[str, np.ndarray]:
 
 def gguf_type(name: str, types: dict[str, str]) -> str:
     """The tensor type used for GGUF tensor ``name`` in the test files."""
-    base = name.rsplit(".", 1)[0]
+    base, _, suffix = name.rpartition(".")
+    if suffix != "weight":
+        return "F32"  # biases
     if base in types:
         return types[base]
     return types.get(base.split(".")[2], "F32") if base.startswith("blk.") else "F32"
@@ -74,9 +76,9 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], types: dict[str, str]
     writer.add_vocab_size(VOCAB)
     writer.add_rope_dimension_count(HEAD_DIM)
     for name, w in weights.items():
-        if ".attn_q." in name:
+        if arch in ("llama", "mistral") and ".attn_q." in name:
             w = llama_cpp_permute(w, HEADS)
-        elif ".attn_k." in name:
+        elif arch in ("llama", "mistral") and ".attn_k." in name:
             w = llama_cpp_permute(w, KV_HEADS)
         qt = gguf.GGMLQuantizationType[gguf_type(name, types)]
         writer.add_tensor(name, gguf.quants.quantize(w, qt), raw_dtype=qt)
@@ -275,3 +277,38 @@ def test_refuses_non_empty_output(tmp_path: Path) -> None:
         convert_gguf(src, tmp_path / "out", progress=False)
     (tmp_path / "out" / "keep.txt").unlink()
     assert MergedCheckpoint(convert_gguf(src, tmp_path / "out", progress=False)).quant_config.bits == 4
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_architectures(tmp_path: Path, arch: str) -> None:
+    """qwen2 is not permuted by llama.cpp and has q/k/v biases; mistral is permuted like llama."""
+    weights = _hf_weights(seed=4)
+    rng = np.random.default_rng(5)
+    for i in range(LAYERS):
+        for name, n in (("attn_q", HIDDEN), ("attn_k", KV_HEADS * HEAD_DIM), ("attn_v", KV_HEADS * HEAD_DIM)):
+            weights[f"blk.{i}.{name}.bias"] = rng.standard_normal(n).astype(np.float32)
+    out = convert_gguf(write_gguf(tmp_path / f"{arch}.gguf", weights, TYPES, arch=arch), tmp_path / "out", progress=False)
+    ck = MergedCheckpoint(out)
+    assert ck.config["model_type"] == arch
+    assert ck.config["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[arch]]
+    for i in range(LAYERS):
+        for proj, name in (("q_proj", "attn_q"), ("k_proj", "attn_k")):
+            module = f"model.layers.{i}.self_attn.{proj}"
+            w = weights[f"blk.{i}.{name}.weight"]
+            assert ours(ck, module).shape == w.shape
+            ref = expected(w, TYPES[name]).double()
+            assert (ours(ck, module) - ref).abs().max().item() <= 2.0**-22 * ref.abs().max().item()
+            assert torch.equal(ck.tensor(f"{module}.bias"), torch.from_numpy(weights[f"blk.{i}.{name}.bias"]))
+
+
+def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qalora_runtime.cli import main
+
+    src = write_gguf(tmp_path / "tiny.gguf", _hf_weights(seed=6), TYPES)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert MergedCheckpoint(tmp_path / "out").quant_config.bits == 4
+    assert "wrote merged checkpoint" in capsys.readouterr().out
+    assert main(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "nope.gguf"), str(tmp_path / "o2")]) == 2
+    assert "SRC must be a .gguf file or a GPTQ checkpoint directory" in capsys.readouterr().err
