@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         # imported here so `qalora convert` on GGUF works without the GPTQ importer's dependencies
         from ..formats.gptq import convert_gptq
 
-        out = convert_gptq(src, args.out)
+        out = convert_gptq(src, args.out, progress=not args.no_progress)
     else:
         raise FileNotFoundError(f"{src} not found; SRC must be a .gguf file or a GPTQ checkpoint directory")
     print(f"wrote merged checkpoint to {out}")
