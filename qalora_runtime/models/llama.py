@@ -1,0 +1,198 @@
+"""Llama-family decoder (Llama 1/2/3, SmolLM, TinyLlama, Mistral, Qwen2) on packed linear layers.
+
+The module tree mirrors transformers' parameter names (``model.layers.{i}.input_layernorm``
+...), except that q/k/v and gate/up are fused into ``qkv_proj`` and
+``gate_up_proj`` (concatenated along the output dim, exact for same-spec parts).
+The skeleton is built on the meta device; :meth:`DecoderForCausalLM.load_weights`
+then swaps in packed layers and real norm/embedding tensors read straight
+from the checkpoint, so no full-precision copy of a quantized weight ever exists.
+
+The forward works on flattened tokens ``[T]`` of a whole step (prefill chunks
+and decode tokens mixed); attention metadata and the paged KV cache come from
+the model runner. Mistral and Qwen2 differ from Llama only in config (sliding
+window, q/k/v bias), which :class:`~.config.DecoderConfig` resolves.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..formats.checkpoint import MergedCheckpoint
+from ..layers.embedding import DenseEmbedding, QuantizedEmbedding
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
+from ..quant.linear import DenseLinear, PackedLinear, load_linear
+from ..worker.attention import AttentionMetadata, paged_attention, write_kv
+from .config import DecoderConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _placeholder(in_features: int, out_features: int) -> nn.Module:
+    # Shape-only stand-in, replaced at load; it never holds data.
+    return nn.Linear(in_features, out_features, bias=False, device="meta")
+
+
+class Attention(nn.Module):
+    """Fused-qkv self-attention with RoPE and paged KV (GQA when kv_heads < heads)."""
+
+    def __init__(self, cfg: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.qk_heads = cfg.num_heads + cfg.num_kv_heads
+        self.scale = cfg.head_dim ** -0.5
+        self.window = cfg.layer_windows[layer_idx]
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.qkv_proj = _placeholder(cfg.hidden_size, qkv_out)
+        self.o_proj = _placeholder(self.q_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        t = qkv.shape[0]
+        # q and k are adjacent columns: rotate both with one set of ops, in place.
+        RotaryEmbedding.apply_(qkv[:, : self.qk_heads * self.head_dim].view(t, self.qk_heads, self.head_dim),
+                               cos, sin)
+        write_kv(cache, meta.slot_mapping, qkv[:, self.q_size:].view(t, 2, self.num_kv_heads, self.head_dim))
+        q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
+        return self.o_proj(paged_attention(q, cache, meta, self.scale))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with gate and up fused into one projection."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = _placeholder(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = _placeholder(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        h = F.silu(gate_up[:, : self.intermediate_size])
+        h.mul_(gate_up[:, self.intermediate_size:])
+        return self.down_proj(h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: attention and MLP, each with a residual."""
+
+    def __init__(self, cfg: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device="meta")
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device="meta")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers and final norm (transformers' ``model.`` prefix)."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.embed_tokens: nn.Module = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device="meta")
+
+
+class DecoderForCausalLM(nn.Module):
+    """A Llama-family causal LM over a paged KV cache.
+
+    ``forward(input_ids[T], positions[T], attn, kv_caches, logits_indices)``
+    returns logits ``[len(logits_indices), vocab]`` in the compute dtype; ``attn``
+    maps each distinct layer window (None = full attention) to that step's
+    :class:`AttentionMetadata`.
+    """
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head: nn.Module = _placeholder(cfg.hidden_size, cfg.vocab_size)
+        self.rotary: RotaryEmbedding | None = None
+        self.dtype: torch.dtype | None = None
+        self.windows: tuple[int | None, ...] = tuple(sorted(set(cfg.layer_windows), key=lambda w: w or 0))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn: dict[int | None, AttentionMetadata], kv_caches: list[torch.Tensor],
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        if self.rotary is None:
+            raise RuntimeError("load_weights() was not called")
+        cos, sin = self.rotary.lookup(positions)
+        x = self.model.embed_tokens(input_ids)
+        for layer, cache in zip(self.model.layers, kv_caches):
+            x = layer(x, cos, sin, attn[layer.self_attn.window], cache)
+        if logits_indices is not None:
+            if logits_indices.numel() == 0:  # e.g. only non-final prefill chunks this step
+                return x.new_empty(0, self.config.vocab_size)
+            x = x.index_select(0, logits_indices)  # norm is per row: select first, skip the rest
+        return self.lm_head(self.model.norm(x))
+
+    # -- loading ----------------------------------------------------------
+    def load_weights(self, ckpt: MergedCheckpoint, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Replace every meta tensor with checkpoint data (packed layers stay packed)."""
+        device = torch.device(device)
+        cfg = self.config
+        for i, layer in enumerate(self.model.layers):
+            p = f"model.layers.{i}"
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj = load_linear(ckpt, [f"{p}.self_attn.{n}_proj" for n in "qkv"], dtype, device)
+            attn.o_proj = load_linear(ckpt, [f"{p}.self_attn.o_proj"], dtype, device)
+            mlp.gate_up_proj = load_linear(ckpt, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], dtype, device)
+            mlp.down_proj = load_linear(ckpt, [f"{p}.mlp.down_proj"], dtype, device)
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                _set_norm(getattr(layer, norm), ckpt, f"{p}.{norm}.weight", dtype, device)
+        _set_norm(self.model.norm, ckpt, "model.norm.weight", dtype, device)
+        self._load_embeddings(ckpt, dtype, device)
+        self.rotary = RotaryEmbedding(cfg.rope, dtype, device,
+                                      initial_positions=min(cfg.max_position_embeddings, 4096))
+        self.dtype = dtype
+        leftovers = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if leftovers:
+            raise ValueError(f"checkpoint left tensors unloaded: {leftovers[:5]}")
+
+    def _load_embeddings(self, ckpt: MergedCheckpoint, dtype: torch.dtype, device: torch.device) -> None:
+        name = "model.embed_tokens"
+        has_head = ckpt.is_quantized("lm_head") or ckpt.has("lm_head.weight")
+        if not has_head and not self.config.tie_word_embeddings:
+            raise ValueError("checkpoint has no lm_head and tie_word_embeddings is false")
+        if has_head:
+            self.lm_head = load_linear(ckpt, ["lm_head"], dtype, device)
+        if ckpt.is_quantized(name):
+            qw = ckpt.quantized(name)
+            tensors = {"qweight": qw.qweight.to(device), "scales": qw.scales.to(device),
+                       "zeros": qw.zeros.to(device)}
+            if not has_head:
+                # A quantized tied embedding serves as a packed lm_head.
+                head = PackedLinear.from_quantized([qw], dtype, device)
+                self.lm_head = head
+                # Share the GPTQ tensors when the kernel kept them as they are (no second copy).
+                for key in tensors:
+                    kept = head.packed_weights.get(key)
+                    if kept is not None and kept.shape == tensors[key].shape:
+                        tensors[key] = kept
+            self.model.embed_tokens = QuantizedEmbedding(tensors["qweight"], tensors["scales"],
+                                                         tensors["zeros"], qw.spec, dtype)
+        else:
+            weight = ckpt.tensor(f"{name}.weight").to(device=device, dtype=dtype)
+            emb = DenseEmbedding(weight)
+            self.model.embed_tokens = emb
+            if not has_head:
+                self.lm_head = DenseLinear(emb.weight.data)  # tied: same storage, two uses
+
+
+def _set_norm(norm: RMSNorm, ckpt: MergedCheckpoint, name: str, dtype: torch.dtype,
+              device: torch.device) -> None:
+    norm.weight = nn.Parameter(ckpt.tensor(name).to(device=device, dtype=dtype), requires_grad=False)

@@ -1,0 +1,1 @@
+"""The worker: paged KV cache, attention, model runner and sampler."""
