@@ -182,7 +182,7 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     if f is None:
         return default
     value = f.contents()
-    if isinstance(value, float):
+    if isinstance(value, float) and f.types and f.types[0].name == "FLOAT32":
         value = float(str(np.float32(value)))  # shortest decimal of the stored float32 (1e-05, not 9.99e-06)
     return value
 
