@@ -21,7 +21,7 @@ void dequant_tile(const LayerView& L, int64_t qt, int64_t nquads, int64_t k0, in
       const float* sg = ss + (b / bpg) * 8;
       for (int c = 0; c < 4; ++c) {
         __m256 wf[4];
-        to_float<BITS>(unpack<BITS>(wq + (b * 4 + c) * BB), wf);
+        load_float<BITS>(wq + (b * 4 + c) * BB, wf);
         const __m256 s = _mm256_broadcast_ss(sg + c);
         const __m256 sz = _mm256_broadcast_ss(sg + 4 + c);
         float* dst = buf + (qi * 4 + c) * kGemmKC + (b * 32 - k0);

@@ -86,7 +86,7 @@ void f32_quad(const LayerView& L, int64_t nq, const float* x, const float* xs, i
       _mm_prefetch(reinterpret_cast<const char*>(blk + 8 * 4 * BB), _MM_HINT_T0);
       for (int c = 0; c < 4; ++c) {
         __m256 wf[4];
-        to_float<BITS>(unpack<BITS>(blk + c * BB), wf);
+        load_float<BITS>(blk + c * BB, wf);
         for (int m = 0; m < MR; ++m) {
           const float* xb = x + m * K + b * 32;
           // Two chains per column halve the FMA latency chain.

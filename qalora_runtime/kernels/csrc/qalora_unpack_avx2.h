@@ -82,6 +82,35 @@ static inline void to_float(__m256i w, __m256 out[4]) {
   }
 }
 
+// Packed block -> four float vectors straight from memory (f32 path): byte
+// zero-extension loads replace the unpack + lane shuffles of to_float(unpack())
+// for the layouts where that is possible (fewer shuffle-port ops, the bottleneck).
+template <int BITS>
+static inline void load_float(const uint8_t* p, __m256 out[4]) {
+  if constexpr (BITS == 4) {
+    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+    const __m256i m = _mm256_set1_epi32(0x0F);
+    out[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, m));
+    out[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, m));
+    out[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
+    out[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
+  } else if constexpr (BITS == 2) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i m = _mm256_set1_epi32(0x03);
+    out[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b, m));
+    out[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 2), m));
+    out[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 4), m));
+    out[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 6));
+  } else if constexpr (BITS == 8) {
+    for (int i = 0; i < 4; ++i)
+      out[i] = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i))));
+  } else {
+    to_float<BITS>(unpack<BITS>(p), out);
+  }
+}
+
 // Horizontal sums of four vectors -> one 4-lane vector [sum a, sum b, sum c, sum d].
 static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 ab = _mm256_hadd_ps(a, b);
