@@ -244,8 +244,27 @@ def _save_tokenizer(gguf_path: Path, out: Path, config: dict[str, Any]) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tok.save_pretrained(str(out))
+    _check_tokenizer_round_trip(tok, AutoTokenizer.from_pretrained(str(out)))
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
     GenerationConfig(**gen).save_pretrained(str(out))
+
+
+_PROBE_TEXT = "Hello, world! 123 ünïcödé 日本語\n\tdef f(x): return x"
+_PROBE_CHAT = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+
+
+def _check_tokenizer_round_trip(ref: Any, saved: Any) -> None:
+    """Refuse to finish if the saved tokenizer encodes or templates differently (a cheap guard
+    against transformers version quirks; the full comparison lives in the integration tests)."""
+    if saved.encode(_PROBE_TEXT) != ref.encode(_PROBE_TEXT) or saved.chat_template != ref.chat_template:
+        raise ValueError("the tokenizer saved from the GGUF metadata does not reproduce the GGUF tokenizer")
+    if ref.chat_template:
+        try:
+            want = ref.apply_chat_template(_PROBE_CHAT, tokenize=False, add_generation_prompt=True)
+        except Exception:  # templates may reject this chat (roles, tools); nothing to compare then
+            return
+        if saved.apply_chat_template(_PROBE_CHAT, tokenize=False, add_generation_prompt=True) != want:
+            raise ValueError("the chat template saved from the GGUF metadata renders differently")
 
 
 # -- conversion ---------------------------------------------------------------
