@@ -43,27 +43,24 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _time_pool(fn: Callable[[object], object], pool: Sequence[object], min_time: float) -> float:
-    """Seconds per call, cycling through ``pool``: the best chunk within ``min_time``.
+    """Seconds per call, cycling through ``pool``: the 20th percentile of single calls.
 
-    A chunk is one pass over the pool, or fewer calls once it has run min_time/3
-    (slow, compute-bound calls need no cache-busting and would take minutes).
-    The best chunk, not the mean, because the machine may be shared:
-    interference only ever adds time.
+    Calls run until ``min_time`` has passed and the whole pool was visited (at
+    least 3 calls). A low percentile, not the mean, because the machine may be
+    shared: a call that was preempted only ever takes longer.
     """
     fn(pool[0])
-    best, start, i = math.inf, time.perf_counter(), 1
+    times: list[float] = []
+    start, i = time.perf_counter(), 1
     while True:
-        t0, calls = time.perf_counter(), 0
-        while True:
-            fn(pool[i % len(pool)])
-            i += 1
-            calls += 1
-            t1 = time.perf_counter()
-            if calls >= len(pool) or t1 - t0 >= min_time / 3:
-                break
-        best = min(best, (t1 - t0) / calls)
-        if t1 - start >= min_time:
-            return best
+        t0 = time.perf_counter()
+        fn(pool[i % len(pool)])
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        i += 1
+        if t1 - start >= min_time and len(times) >= 3 and (len(times) >= len(pool) or t1 - start >= 4 * min_time):
+            times.sort()
+            return times[len(times) // 5]
 
 
 def streaming_read_gbps(mib: int = 256) -> float:
