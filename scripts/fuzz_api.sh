@@ -37,6 +37,9 @@ else
   curl -fs "$BASE/health" >/dev/null || { echo "server not healthy" >&2; exit 1; }
 fi
 
+ST=$(cd "$(dirname "$ST")" && pwd)/$(basename "$ST")
+WORK=$(mktemp -d)  # schemathesis keeps its cache in the working directory
+cd "$WORK"
 echo "fuzzing $BASE (max $MAX_EXAMPLES examples per operation, max ${MAX_TIME}s)"
 "$ST" run "$BASE/openapi.json" --checks not_a_server_error --max-examples "$MAX_EXAMPLES" \
     --max-time "$MAX_TIME" --workers "$WORKERS" --request-timeout 300 --no-color

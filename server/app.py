@@ -24,6 +24,7 @@ from .errors import install_error_handlers
 from .http_metrics import HTTPMetricsMiddleware
 from .limits import BodySizeLimitMiddleware
 from .metrics import ServerMetrics
+from .openapi import install_openapi
 from .routes import ROUTERS
 from .settings import ServerSettings
 from .state import ServerState
@@ -63,6 +64,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     install_error_handlers(app)
+    install_openapi(app)
 
     async def on_disconnect(request: Request, exc: Exception) -> Response:
         logger.info("client left before the answer of %s %s was ready", request.method, request.url.path)

@@ -26,9 +26,13 @@ _ERROR_STATUSES = (
 )
 
 
-def error_responses() -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for the error statuses, each with the OpenAI error body."""
-    return {code: {"model": ErrorResponse, "description": desc} for code, desc in _ERROR_STATUSES}
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses (default: all of them), each with the OpenAI error body."""
+    return {
+        code: {"model": ErrorResponse, "description": desc}
+        for code, desc in _ERROR_STATUSES
+        if not codes or code in codes
+    }
 
 
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {

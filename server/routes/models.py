@@ -11,7 +11,7 @@ from .common import error_responses
 router = APIRouter(tags=["openai"])
 
 
-@router.get("/v1/models", response_model=ModelList, responses=error_responses())
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503))
 async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
     """The served model under each of its served names."""
     state.check_ready()

@@ -13,7 +13,7 @@ from .common import error_responses
 router = APIRouter(tags=["tokenizer"])
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses())
+@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 413, 503))
 async def tokenize(body: TokenizeRequest, state: ServerState = Depends(get_state)) -> TokenizeResponse:
     """Token ids of a prompt, or of chat messages rendered with the chat template."""
     state.check_ready()
@@ -37,7 +37,7 @@ async def tokenize(body: TokenizeRequest, state: ServerState = Depends(get_state
     )
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses())
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 401, 404, 413, 503))
 async def detokenize(body: DetokenizeRequest, state: ServerState = Depends(get_state)) -> DetokenizeResponse:
     """The text of a list of token ids."""
     state.check_ready()

@@ -19,7 +19,7 @@ def small_server(model_path):
     assert proc.stop() == 0, proc.log_tail()
 
 
-def test_schemathesis_no_server_errors(small_server) -> None:
+def test_schemathesis_no_server_errors(small_server, tmp_path: Path) -> None:
     st = shutil.which("st") or str(Path(sys.executable).parent / "st")
     if not Path(st).exists():
         pytest.skip("schemathesis is not installed (pip install schemathesis)")
@@ -27,6 +27,6 @@ def test_schemathesis_no_server_errors(small_server) -> None:
         [st, "run", small_server.base_url + "/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "8", "--workers", "2", "--request-timeout", "120", "--phases", "examples,coverage,fuzzing",
          "--generation-deterministic", "--no-color"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,  # st writes its cache to the cwd
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:] + small_server.log_tail(3000)
