@@ -12,6 +12,8 @@ import torch
 from ..config import CacheConfig, SchedulerConfig
 from ..core.scheduler import Scheduler
 from ..formats.default_model import resolve_model
+from ..models.config import DecoderConfig
+from ..models.llama import DecoderForCausalLM
 from ..models.loader import load_model, load_tokenizer
 from ..quant.linear import PackedLinear
 from ..worker.kv_cache import KVCache
@@ -63,8 +65,37 @@ def build_engine_core(
     if chat_template is not None:
         template_file = Path(chat_template)
         tokenizer.chat_template = template_file.read_text() if template_file.is_file() else chat_template
-    compute_dtype: torch.dtype = net.dtype
+    return assemble_engine_core(
+        net, cfg, tokenizer, path,
+        device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+        kv_cache_memory_bytes=kv_cache_memory_bytes, enable_prefix_caching=enable_prefix_caching,
+        enable_chunked_prefill=enable_chunked_prefill, served_model_name=served_model_name,
+    )
 
+
+def assemble_engine_core(
+    net: DecoderForCausalLM,
+    cfg: DecoderConfig,
+    tokenizer: Any,
+    path: Path,
+    *,
+    device: str = "cpu",
+    max_model_len: int | None = None,
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 2048,
+    block_size: int = 16,
+    kv_cache_memory_bytes: int | None = None,
+    enable_prefix_caching: bool = True,
+    enable_chunked_prefill: bool = True,
+    served_model_name: str | None = None,
+) -> EngineCore:
+    """Build a fresh KV cache, scheduler and runner around an already loaded model.
+
+    Several engines may share one loaded model (tests do, to try cache sizes
+    without reloading); each has its own KV cache and scheduler.
+    """
+    compute_dtype: torch.dtype = net.dtype
     per_block = KVCache.bytes_per_block(cfg, block_size, compute_dtype)
     budget = kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES
     num_blocks = budget // per_block
