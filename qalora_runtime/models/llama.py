@@ -25,6 +25,7 @@ from ..formats.checkpoint import MergedCheckpoint
 from ..layers.embedding import DenseEmbedding, QuantizedEmbedding
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
+from ..kernels.registry import select_kernel
 from ..quant.linear import DenseLinear, PackedLinear, load_linear
 from ..worker.attention import AttentionMetadata, paged_attention, write_kv
 from .config import DecoderConfig
@@ -123,6 +124,7 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head: nn.Module = _placeholder(cfg.hidden_size, cfg.vocab_size)
         self.rotary: RotaryEmbedding | None = None
         self.dtype: torch.dtype | None = None
+        self.logits_dtype: torch.dtype = torch.float32
         self.windows: tuple[int | None, ...] = tuple(sorted(set(cfg.layer_windows), key=lambda w: w or 0))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -138,7 +140,10 @@ class DecoderForCausalLM(nn.Module):
             if logits_indices.numel() == 0:  # e.g. only non-final prefill chunks this step
                 return x.new_empty(0, self.config.vocab_size)
             x = x.index_select(0, logits_indices)  # norm is per row: select first, skip the rest
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        if x.dtype != self.logits_dtype:
+            x = x.to(self.logits_dtype)
+        return self.lm_head(x)
 
     # -- loading ----------------------------------------------------------
     def load_weights(self, ckpt: MergedCheckpoint, dtype: torch.dtype, device: torch.device | str) -> None:
@@ -168,15 +173,18 @@ class DecoderForCausalLM(nn.Module):
         has_head = ckpt.is_quantized("lm_head") or ckpt.has("lm_head.weight")
         if not has_head and not self.config.tie_word_embeddings:
             raise ValueError("checkpoint has no lm_head and tie_word_embeddings is false")
+        head_name = "lm_head" if has_head else name
+        head_dtype = _logits_dtype(ckpt, head_name, dtype, device)
+        self.logits_dtype = head_dtype
         if has_head:
-            self.lm_head = load_linear(ckpt, ["lm_head"], dtype, device)
+            self.lm_head = load_linear(ckpt, ["lm_head"], head_dtype, device)
         if ckpt.is_quantized(name):
             qw = ckpt.quantized(name)
             tensors = {"qweight": qw.qweight.to(device), "scales": qw.scales.to(device),
                        "zeros": qw.zeros.to(device)}
             if not has_head:
                 # A quantized tied embedding serves as a packed lm_head.
-                head = PackedLinear.from_quantized([qw], dtype, device)
+                head = PackedLinear.from_quantized([qw], head_dtype, device)
                 self.lm_head = head
                 # Share the GPTQ tensors when the kernel kept them as they are (no second copy).
                 for key in tensors:
@@ -191,6 +199,27 @@ class DecoderForCausalLM(nn.Module):
             self.model.embed_tokens = emb
             if not has_head:
                 self.lm_head = DenseLinear(emb.weight.data)  # tied: same storage, two uses
+
+
+def _logits_dtype(ckpt: MergedCheckpoint, head: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """fp32 logits from a packed head when a fused kernel runs it in fp32, else the compute dtype.
+
+    bf16 logits of magnitude 16-32 are rounded to steps of 0.125, so greedy decoding
+    ties and flips on rounding alone. A packed lm_head streams the same bytes either
+    way and the fused CPU kernel measured the same time in fp32 as in bf16 (1.7 ms
+    for SmolLM2's 8-bit 576x49152 head), so logits cost nothing to keep exact. A
+    dense head stays in the compute dtype (an fp32 copy would double its memory).
+    """
+    if dtype == torch.float32 or not ckpt.is_quantized(head):
+        return dtype
+    spec = ckpt.quantized_modules[head]
+    k = ckpt.shape(f"{head}.qweight")[0] * 32 // spec.bits
+    n = ckpt.shape(f"{head}.qweight")[1]
+    try:
+        kernel = select_kernel(spec, k, n, device, torch.float32)
+    except ValueError:
+        return dtype
+    return torch.float32 if kernel.name != "dequant_fallback" else dtype
 
 
 def _set_norm(norm: RMSNorm, ckpt: MergedCheckpoint, name: str, dtype: torch.dtype,

@@ -205,9 +205,10 @@ def test_weights_stay_packed(tmp_path: Path) -> None:
     fp32_bytes = sum(p.numel() * 4 for p in hf.parameters())
     assert held_bytes < fp32_bytes / 3, (held_bytes, fp32_bytes)
     # No dense copy of any quantized layer: no float tensor of a quantized layer's [K, N] size.
-    dense_sizes = {m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear)}
+    dense_shapes = {s for m in model.modules() if isinstance(m, PackedLinear)
+                    for s in [(m.in_features, m.out_features), (m.out_features, m.in_features)]}
     floats = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
-    assert not [t for t in floats if t.numel() in dense_sizes]
+    assert not [t for t in floats if tuple(t.shape) in dense_shapes]
     # The tied 8-bit embedding serves as the packed lm_head.
     head, emb = model.lm_head, model.model.embed_tokens
     assert isinstance(head, PackedLinear) and head.spec == QuantSpec(8, 32)
