@@ -316,6 +316,14 @@ def test_k8s_manifests_parse_and_kustomization_lists_them() -> None:
             assert doc["apiVersion"] and doc["metadata"]["name"] == "qalora-serve", kind
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kubectl_kustomize_renders_the_stack() -> None:
+    proc = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    kinds = sorted(d["kind"] for d in yaml.safe_load_all(proc.stdout) if d)
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Service"]
+
+
 def test_deployment_args_probes_grace_and_user() -> None:
     docs = k8s_docs()
     config = docs["ConfigMap"]["data"]
