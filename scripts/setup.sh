@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${QALORA_VENV:-.venv}
 TORCH_SPEC=${QALORA_TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${QALORA_EXTRAS:-test}
+EXTRAS=${QALORA_EXTRAS-test}  # set to empty for a runtime-only install
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
