@@ -108,7 +108,8 @@ class RotaryEmbedding(nn.Module):
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin_signed)`` of shape ``[T, 1, head_dim]`` for ``positions[T]``."""
-        return self.cos_table[positions], self.sin_table[positions]
+        # index_select: a fraction of advanced indexing's fixed cost at decode sizes.
+        return self.cos_table.index_select(0, positions), self.sin_table.index_select(0, positions)
 
     @staticmethod
     def apply_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
