@@ -139,7 +139,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from qalora_runtime.formats.default_model import default_gguf_path, ensure_default_model
+    from qalora_runtime.formats.default_model import (
+        default_gguf_path,
+        ensure_default_model,
+    )
     from qalora_runtime.models.loader import load_tokenizer
 
     model_dir = ensure_default_model()

@@ -30,7 +30,7 @@ class RopeConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_model_config(cls, config: dict[str, Any], head_dim: int) -> "RopeConfig":
+    def from_model_config(cls, config: dict[str, Any], head_dim: int) -> RopeConfig:
         """Read rope settings from an HF ``config.json`` dict (old ``rope_scaling`` or new ``rope_parameters``)."""
         params = dict(config.get("rope_parameters") or {})
         scaling = config.get("rope_scaling") or {}

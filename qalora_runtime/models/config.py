@@ -38,7 +38,7 @@ class DecoderConfig:
     eos_token_ids: tuple[int, ...]
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any], architecture: str) -> "DecoderConfig":
+    def from_dict(cls, config: dict[str, Any], architecture: str) -> DecoderConfig:
         """Parse ``config`` (an HF config.json dict); ValueError on anything unsupported."""
         try:
             hidden = int(config["hidden_size"])

@@ -22,10 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..formats.checkpoint import MergedCheckpoint
+from ..kernels.registry import select_kernel
 from ..layers.embedding import DenseEmbedding, QuantizedEmbedding
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
-from ..kernels.registry import select_kernel
 from ..quant.linear import DenseLinear, PackedLinear, load_linear
 from ..worker.attention import AttentionMetadata, paged_attention, write_kv
 from .config import DecoderConfig

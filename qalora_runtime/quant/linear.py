@@ -52,7 +52,7 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, parts: Sequence[QuantizedWeight], dtype: torch.dtype,
-                       device: torch.device | str) -> "PackedLinear":
+                       device: torch.device | str) -> PackedLinear:
         """Build one layer from one or more same-spec parts, concatenated along the output dim."""
         if not parts:
             raise ValueError("PackedLinear.from_quantized needs at least one part")

@@ -37,7 +37,7 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config: DecoderConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device | str = "cpu") -> "KVCache":
+                  device: torch.device | str = "cpu") -> KVCache:
         """A cache shaped for ``config`` with ``num_blocks`` blocks of ``block_size`` tokens."""
         return cls(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim,
                    dtype, device)
