@@ -60,6 +60,8 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
         raise ValueError(
             f"packed size {packed.shape[dim]} along dim {dim} is not a multiple of bits={bits}"
         )
+    if 32 % bits == 0:
+        return _unpack_aligned(packed, bits, dim)
     w = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
     rows, cols = w.shape
     words = w.reshape(rows // bits, bits, cols)
@@ -72,3 +74,17 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
             val = val | (words[:, word + 1] << (32 - shift))
         out[:, j] = val & mask
     return out.reshape(rows * 32 // bits, cols).to(torch.int32).movedim(0, dim).contiguous()
+
+
+def _unpack_aligned(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """2/4/8 bits: whole levels per word, so one broadcast shift-and-mask unpacks everything.
+
+    Load time is dominated by unpacking (kernels repack from GPTQ layout), hence this
+    vectorized path; an arithmetic right shift of a negative int32 is harmless under the mask.
+    """
+    w = packed.movedim(dim, 0)
+    rows, cols = w.shape
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32).view(1, per_word, 1)
+    out = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return out.reshape(rows * per_word, cols).movedim(0, dim).contiguous()
