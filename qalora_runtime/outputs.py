@@ -50,6 +50,8 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    #: Seconds between consecutive steps that produced tokens for this request.
+    inter_token_latencies: list[float] = field(default_factory=list)
 
 
 @dataclass

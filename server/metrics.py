@@ -182,14 +182,9 @@ class ServerMetrics:
         end = t.finished_time if t.finished_time is not None else t.last_token_time
         if end is not None:
             self.e2e_latency.labels(name).observe(max(0.0, end - t.arrival_time))
-        longest = max((c.num_tokens for c in choices), default=0)
-        if t.first_token_time is not None and t.last_token_time is not None and longest > 1:
-            # Only first/last timestamps are known: observe the mean gap once per gap,
-            # so the histogram's _sum and _count are exact.
-            gap = max(0.0, t.last_token_time - t.first_token_time) / (longest - 1)
-            child = self.inter_token_latency.labels(name)
-            for _ in range(longest - 1):
-                child.observe(gap)
+        child = self.inter_token_latency.labels(name)
+        for gap in t.inter_token_latencies:
+            child.observe(gap)
 
     def request_aborted(self, num_choices: int) -> None:
         """Count an engine request aborted before it finished (client gone, error, shutdown)."""

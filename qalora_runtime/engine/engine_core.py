@@ -207,9 +207,12 @@ class EngineCore:
         return [self._collect(g, now) for g in touched.values()]
 
     def _emit_token(self, group: _Group, comp: _Completion, tok: SampledToken, finished: bool, now: float) -> None:
-        if group.metrics.first_token_time is None:
-            group.metrics.first_token_time = now
-        group.metrics.last_token_time = now
+        m = group.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        elif m.last_token_time is not None and now > m.last_token_time:  # once per step, not per sample
+            m.inter_token_latencies.append(now - m.last_token_time)
+        m.last_token_time = now
         req = comp.request
         delta = comp.detok.add_token(tok.token_id)
         if comp.detok.stop_reason is not None and not finished:

@@ -159,7 +159,10 @@ class ScriptedEngine:
                 step += 1
                 changed = [self._advance(s, params) for s in samples if s.finish_reason is None]
                 now = time.monotonic()
-                metrics.first_token_time = metrics.first_token_time or now
+                if metrics.first_token_time is None:
+                    metrics.first_token_time = now
+                else:  # like EngineCore: one inter-token gap per step that produced tokens
+                    metrics.inter_token_latencies.append(now - metrics.last_token_time)
                 metrics.last_token_time = now
                 self._generation_tokens += len(changed)
                 for listener in self._listeners:

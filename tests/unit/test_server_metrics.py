@@ -87,7 +87,7 @@ def test_values_follow_requests(client) -> None:
     assert value(after, "qalora_time_to_first_token_seconds_count") == 2
     assert value(after, "qalora_e2e_request_latency_seconds_count") == 2
     assert value(after, "qalora_request_queue_time_seconds_count") == 2
-    # ITL: one observation per gap between tokens of the longest choice.
+    # ITL: one observation per gap between steps that produced tokens.
     assert value(after, "qalora_inter_token_latency_seconds_count") == (usage["completion_tokens"] - 1) + 1
     assert value(after, "qalora_iteration_tokens_count") == usage["completion_tokens"] + 2
     assert value(after, "qalora_http_requests_total", route="/v1/chat/completions", status="200") == 1
