@@ -43,6 +43,16 @@ from common import (
 DATASETS = ("story", "mix", "shared-prefix", "long")
 
 
+def client_limits(max_connections: int) -> httpx.Limits:
+    """A fresh connection per request, as vLLM's benchmark does (a session per request).
+
+    Reusing kept-alive connections raced with llama-server closing idle ones
+    ("Server disconnected without sending a response"), a client artefact that
+    would be counted as a server failure; on 127.0.0.1 a new connection costs ~0.1 ms.
+    """
+    return httpx.Limits(max_connections=max_connections, max_keepalive_connections=0)
+
+
 @dataclass
 class Outcome:
     """One request: its stream result, or the error that failed it."""
@@ -105,7 +115,7 @@ async def send_one(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -
 async def run_benchmark_async(url: str, requests: list[tuple[str, dict[str, Any]]], concurrency: int | None,
                               request_rate: float, seed: int = 0, timeout: float = 600.0) -> dict[str, Any]:
     """Send every request and return the metrics dict (see ``compute_metrics``)."""
-    limits = httpx.Limits(max_connections=max(concurrency or len(requests), 1), max_keepalive_connections=64)
+    limits = client_limits(max(concurrency or len(requests), 1))
     sem = asyncio.Semaphore(concurrency) if concurrency else None
     rng = random.Random(seed)
 

@@ -27,8 +27,8 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-#: Where ``compare.py`` looks for a native llama-server unless --llama-server is given.
-LLAMA_SERVER_CANDIDATES = ("llama-server", "/tmp/issue7_llama/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server")
+#: Environment variable naming a native llama-server binary (else: ``llama-server`` on PATH).
+LLAMA_SERVER_ENV = "LLAMA_SERVER"
 
 
 def free_port() -> int:
@@ -48,8 +48,8 @@ def default_gguf() -> Path | None:
 
 
 def find_llama_server(explicit: str | None = None) -> str | None:
-    """Path of a native llama.cpp ``llama-server`` binary, or None when none is built/installed."""
-    for name in ((explicit,) if explicit else LLAMA_SERVER_CANDIDATES):
+    """Path of a native llama.cpp ``llama-server`` (explicit, $LLAMA_SERVER, PATH), or None when there is none."""
+    for name in filter(None, (explicit, os.environ.get(LLAMA_SERVER_ENV), "llama-server")):
         path = shutil.which(name) if "/" not in name else (name if os.access(name, os.X_OK) else None)
         if path:
             return path

@@ -9,7 +9,8 @@ User classes (pick some with ``locust ... StreamingChatUser LongPromptUser``):
 
 Besides locust's per-request rows, every streamed request fires custom
 ``metric`` events: ``TTFT`` (ms), ``ITL`` (ms, one per token gap), ``TPOT``
-(ms, per request) and ``output tok/s`` (the "response time" column holds
+(ms, per request), ``E2E`` (ms to ``[DONE]``; locust's own row for a streamed
+POST stops its clock at the response headers) and ``output tok/s`` (the "response time" column holds
 tokens/s; locust rounds its percentiles, the mean is exact); non-streamed
 completions fire ``output tok/s`` only. A request fails on any non-2xx status,
 a malformed stream (bad JSON chunk, error event, no ``data: [DONE]``), no
@@ -135,6 +136,7 @@ class OpenAIUser(HttpUser):
         if (tpot := result.tpot) is not None:
             fire_metric(env, "TPOT", tpot * 1000)
         elapsed = result.end - start
+        fire_metric(env, "E2E", elapsed * 1000)
         if elapsed > 0:
             fire_metric(env, "output tok/s", result.output_tokens / elapsed)
 

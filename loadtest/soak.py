@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import build_requests, send_one
+from bench_serve import build_requests, client_limits, send_one
 from common import ServerProcess, read_rss_bytes, scrape_metrics, served_model, start_qalora, summarize
 
 RUNNING, KV, WAITING = "qalora_num_requests_running", "qalora_kv_cache_usage_perc", "qalora_num_requests_waiting"
@@ -113,7 +113,7 @@ async def soak(url: str, pid: int | None, args: argparse.Namespace) -> dict[str,
     samples: list[dict[str, Any]] = []
     start = time.monotonic()
     deadline = start + args.minutes * 60
-    limits = httpx.Limits(max_connections=args.concurrency + 2)
+    limits = client_limits(args.concurrency + 2)
     async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, limits=limits) as client:
         await asyncio.gather(
             sampler(url, pid, deadline, args.sample_interval, samples),
