@@ -45,13 +45,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _kv_budget(model_dir: Any, tokens: int, longest: int, dtype: str | None) -> tuple[int, int]:
     # Size the paged cache for this batch instead of the server's 1 GiB default:
     # allocating (and zeroing) memory that a few prompts never touch costs start-up time.
+    from ..models.config import DecoderConfig
+    from ..models.loader import resolve_dtype
+    from ..worker.kv_cache import KVCache
+
     cfg = json.loads((model_dir / "config.json").read_text())
-    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    itemsize = 4 if dtype == "fp32" else 2
-    per_token = cfg["num_hidden_layers"] * 2 * heads * head_dim * itemsize
+    decoder = DecoderConfig.from_dict(cfg, (cfg.get("architectures") or ["LlamaForCausalLM"])[0])
+    per_token = KVCache.bytes_per_block(decoder, 1, resolve_dtype(dtype))
     budget = max(16 << 20, int(tokens * per_token * 1.25))
-    return budget, min(longest, int(cfg.get("max_position_embeddings", longest)))
+    return budget, min(longest, decoder.max_position_embeddings)
 
 
 def run(args: argparse.Namespace) -> int:
