@@ -14,6 +14,21 @@ from pathlib import Path
 
 import pytest
 
+# Triton kernels are tested on CPU tensors in Triton's interpreter where no CUDA device
+# exists (tests/unit/test_triton_kernels.py). The interpreter must be on before `triton`
+# is first imported: @triton.jit -- ours and triton.language's own (tl.sum, tl.zeros) --
+# picks compiled vs interpreted when it decorates, and the kernel registry imports triton
+# early in the session. Without CUDA nothing can compile a Triton kernel anyway, so this
+# changes nothing else; an explicit TRITON_INTERPRET from the user is left alone.
+if "TRITON_INTERPRET" not in os.environ:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
