@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from ..kernels.layer_ops import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -13,9 +14,10 @@ class RMSNorm(nn.Module):
     In fp32 this is the same computation as transformers' ``LlamaRMSNorm`` (bit
     for bit, measured). For bf16/fp16 activations transformers rounds the
     normalized value to the input dtype before multiplying by the weight; the
-    fused ``F.rms_norm`` kernel accumulates in fp32 and rounds once at the end,
-    which is at least as accurate and one op instead of six (the decode step is
-    dominated by per-op overhead).
+    fused op (``kernels.layer_ops.rms_norm``) accumulates in fp32 and rounds once
+    at the end, which is at least as accurate, and also folds in the residual add
+    that precedes every norm of the block (the decode step is dominated by
+    per-op overhead).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, device: torch.device | str | None = None,
@@ -25,8 +27,10 @@ class RMSNorm(nn.Module):
         self.eps = float(eps)
         self._shape = (hidden_size,)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self._shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalize ``x[rows, hidden]``; with ``residual``, add ``x`` into it in place first
+        and normalize the sum (the residual stream then holds ``residual + x``)."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
     def extra_repr(self) -> str:
         return f"{self._shape[0]}, eps={self.eps}"

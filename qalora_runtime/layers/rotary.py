@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels.layer_ops import rope_
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -71,13 +73,14 @@ def inverse_frequencies(rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Cos/sin tables indexed by position, applied in place to a ``[T, heads, head_dim]`` view.
+    """Cos/sin tables indexed by position, applied in place to the q/k columns of a step.
 
-    Tables are computed in fp32 (like transformers) and stored in the compute
-    dtype; they grow on demand, so a 128k-context config costs nothing until a
-    sequence gets long. The sin table carries the sign of ``rotate_half``
-    (``-sin`` on the first half), which turns rotation into
-    ``x * cos + roll(x, D/2) * sin_signed``: three ops for q and k together.
+    Tables are computed in fp32 (like transformers) and kept in fp32 (the fused op
+    reads them directly; the PyTorch path rounds them to the compute dtype as
+    transformers does); they grow on demand, so a 128k-context config costs
+    nothing until a sequence gets long. The sin table carries the sign of
+    ``rotate_half`` (``-sin`` on the first half), which turns rotation into
+    ``x * cos + roll(x, D/2) * sin_signed``.
     """
 
     def __init__(self, rope: RopeConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -87,8 +90,8 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = rope.head_dim
         self.dtype = dtype
         self.inv_freq = inverse_frequencies(rope).to(device)
-        self.cos_table = torch.empty(0, 1, rope.head_dim, dtype=dtype, device=device)
-        self.sin_table = torch.empty(0, 1, rope.head_dim, dtype=dtype, device=device)
+        self.cos_table = torch.empty(0, 1, rope.head_dim, dtype=torch.float32, device=device)
+        self.sin_table = torch.empty(0, 1, rope.head_dim, dtype=torch.float32, device=device)
         self._build(initial_positions)
 
     def _build(self, n: int) -> None:
@@ -98,8 +101,8 @@ class RotaryEmbedding(nn.Module):
         half = self.head_dim // 2
         sin = emb.sin()
         sin[:, :half] = -sin[:, :half]  # sign of rotate_half folded in (exact)
-        self.cos_table = emb.cos().to(self.dtype)[:, None, :].contiguous()
-        self.sin_table = sin.to(self.dtype)[:, None, :].contiguous()
+        self.cos_table = emb.cos()[:, None, :].contiguous()
+        self.sin_table = sin[:, None, :].contiguous()
 
     def ensure_positions(self, n: int) -> None:
         """Make the tables cover positions ``[0, n)`` (call once per step with the max position + 1)."""
@@ -107,13 +110,10 @@ class RotaryEmbedding(nn.Module):
             self._build(max(n, 2 * self.cos_table.shape[0]))
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin_signed)`` of shape ``[T, 1, head_dim]`` for ``positions[T]``."""
-        # index_select: a fraction of advanced indexing's fixed cost at decode sizes.
-        return self.cos_table.index_select(0, positions), self.sin_table.index_select(0, positions)
+        """``(cos, sin_signed)`` of shape ``[T, 1, head_dim]`` for ``positions[T]``, in the compute dtype."""
+        return (self.cos_table.index_select(0, positions).to(self.dtype),
+                self.sin_table.index_select(0, positions).to(self.dtype))
 
-    @staticmethod
-    def apply_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """Rotate ``x[T, heads, head_dim]`` in place (``x`` may be a strided view)."""
-        rotated = x.roll(x.shape[-1] // 2, dims=-1)
-        x.mul_(cos)
-        x.addcmul_(rotated, sin)
+    def rotate_(self, x: torch.Tensor, heads: int, positions: torch.Tensor) -> None:
+        """Rotate the first ``heads`` heads of each row of ``x[T, cols]`` in place (row ``t`` at ``positions[t]``)."""
+        rope_(x, heads, self.head_dim, self.cos_table, self.sin_table, positions)

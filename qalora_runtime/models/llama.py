@@ -19,9 +19,9 @@ import logging
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..formats.checkpoint import MergedCheckpoint
+from ..kernels.layer_ops import silu_mul
 from ..kernels.registry import select_kernel
 from ..layers.embedding import DenseEmbedding, QuantizedEmbedding
 from ..layers.norm import RMSNorm
@@ -54,13 +54,12 @@ class Attention(nn.Module):
         self.qkv_proj = _placeholder(cfg.hidden_size, qkv_out)
         self.o_proj = _placeholder(self.q_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, positions: torch.Tensor,
                 meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         t = qkv.shape[0]
-        # q and k are adjacent columns: rotate both with one set of ops, in place.
-        RotaryEmbedding.apply_(qkv[:, : self.qk_heads * self.head_dim].view(t, self.qk_heads, self.head_dim),
-                               cos, sin)
+        # q and k are adjacent columns: rotate both in one call, in place.
+        rotary.rotate_(qkv, self.qk_heads, positions)
         write_kv(cache, meta.slot_mapping, qkv[:, self.q_size:].view(t, 2, self.num_kv_heads, self.head_dim))
         q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
         return self.o_proj(paged_attention(q, cache, meta, self.scale))
@@ -76,14 +75,18 @@ class MLP(nn.Module):
         self.down_proj = _placeholder(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        h = F.silu(gate_up[:, : self.intermediate_size])
-        h.mul_(gate_up[:, self.intermediate_size:])
-        return self.down_proj(h)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: attention and MLP, each with a residual."""
+    """Pre-norm transformer block: attention and MLP, each with a residual.
+
+    The residual stream is carried separately from the block output (as vLLM
+    does) so each residual add fuses into the norm that follows it:
+    ``forward(x, residual)`` returns ``(mlp_out, residual)`` where the layer's
+    true output is ``mlp_out + residual``. ``residual`` is None for the first
+    layer (``x`` is then the embedding) and is updated in place.
+    """
 
     def __init__(self, cfg: DecoderConfig, layer_idx: int) -> None:
         super().__init__()
@@ -92,10 +95,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device="meta")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device="meta")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryEmbedding,
+                positions: torch.Tensor, meta: AttentionMetadata,
+                cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rotary, positions, meta, cache)
+        h = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -132,15 +142,17 @@ class DecoderForCausalLM(nn.Module):
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         if self.rotary is None:
             raise RuntimeError("load_weights() was not called")
-        cos, sin = self.rotary.lookup(positions)
         x = self.model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
         for layer, cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, attn[layer.self_attn.window], cache)
+            x, residual = layer(x, residual, self.rotary, positions, attn[layer.self_attn.window], cache)
         if logits_indices is not None:
             if logits_indices.numel() == 0:  # e.g. only non-final prefill chunks this step
                 return x.new_empty(0, self.config.vocab_size)
-            x = x.index_select(0, logits_indices)  # norm is per row: select first, skip the rest
-        x = self.model.norm(x)
+            # norm is per row: select first, skip the rest
+            x = x.index_select(0, logits_indices)
+            residual = residual.index_select(0, logits_indices) if residual is not None else None
+        x = self.model.norm(x, residual) if residual is not None else self.model.norm(x)
         if x.dtype != self.logits_dtype:
             x = x.to(self.logits_dtype)
         return self.lm_head(x)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from ..kernels.layer_ops import decode_attention, decode_attention_available
+
 
 @dataclass
 class DecodePlan:
@@ -40,6 +42,8 @@ class DecodePlan:
     kv_start: int  # first key position to gather (> 0 only for a single windowed sequence)
     kv_len: int  # keys gathered per row: max valid length over the batch
     mask: torch.Tensor | None  # [B, 1, kv_len - kv_start] fp32, 0 = attend, -inf = hidden; None = all valid
+    seq_lens: torch.Tensor  # [B] long: valid keys of each row (its position + 1)
+    window: int | None  # sliding window of this plan's layers (None = full attention)
 
 
 @dataclass
@@ -123,7 +127,7 @@ def build_metadata(
         if len(decode_rows) != row:
             rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
         decode = DecodePlan(rows, torch.tensor(table, dtype=torch.long, device=device),
-                            kv_start, kv_len, mask)
+                            kv_start, kv_len, mask, torch.tensor(lens, dtype=torch.long, device=device), window)
     return AttentionMetadata(slot_mapping, decode, prefills, row)
 
 
@@ -155,6 +159,11 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadat
 
 def _decode(q: torch.Tensor, cache: torch.Tensor, d: DecodePlan, scale: float,
             block_size: int) -> torch.Tensor:
+    if decode_attention_available(q, cache):
+        # One C++ pass reading K/V in place from the paged cache (no gather copy);
+        # same fp32 math as below. ~5x faster at decode sizes on CPU.
+        b, heads, dim = q.shape
+        return decode_attention(q, cache, d.block_tables, d.seq_lens, d.window, scale).view(b, heads, dim)
     # Hand-written instead of SDPA: at decode sizes (a few heads x a few hundred keys)
     # every op is overhead-bound, and measured on this CPU two fp32 bmm + softmax cost
     # ~25 us where SDPA costs ~35 us (fp32) and ~100 us (bf16, whose small bmm is slow).
