@@ -119,5 +119,12 @@ class CpuFusedKernel(LinearKernel):
         return y.reshape(*lead, n)
 
 
+    @staticmethod
+    def native_weights(weights: dict[str, torch.Tensor], spec: QuantSpec, bias: torch.Tensor | None):
+        """This layer's tensors bundled for the C++ ``FusedDecoder`` (which calls the kernel directly)."""
+        n = weights["out_features"].shape[0]
+        return _ext.packed_linear_weights(weights["qw"], weights["ss"], bias, spec.bits, spec.group_size, n)
+
+
 if _ext is not None:
     register_kernel(CpuFusedKernel)

@@ -153,9 +153,13 @@ class DecoderForCausalLM(nn.Module):
             x = x.index_select(0, logits_indices)
             residual = residual.index_select(0, logits_indices) if residual is not None else None
         x = self.model.norm(x, residual) if residual is not None else self.model.norm(x)
-        if x.dtype != self.logits_dtype:
-            x = x.to(self.logits_dtype)
-        return self.lm_head(x)
+        return self.compute_logits(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head over final-normed hidden states ``[rows, hidden]`` (in :attr:`logits_dtype`)."""
+        if hidden.dtype != self.logits_dtype:
+            hidden = hidden.to(self.logits_dtype)
+        return self.lm_head(hidden)
 
     # -- loading ----------------------------------------------------------
     def load_weights(self, ckpt: MergedCheckpoint, dtype: torch.dtype, device: torch.device | str) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.fused_decode import FusedDecodeStack
 from ..models.llama import DecoderForCausalLM
 from .attention import AttentionMetadata, build_metadata
 from .kv_cache import KVCache
@@ -53,6 +54,9 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_cache.device
         self.vocab_size = model.config.vocab_size
+        # Decode-only steps (every sequence computes one token) run all layers in one
+        # native call when the model and cache allow it (CPU, cpu_fused kernels).
+        self.fused_decode = FusedDecodeStack.build(model, kv_cache.layers)
 
     @torch.inference_mode()
     def execute(self, items: Sequence[SequenceInput]) -> torch.Tensor:
@@ -95,6 +99,8 @@ class ModelRunner:
                 logit_rows.append(len(ids) - 1)
         if max(slots) >= self.kv_cache.num_slots or min(slots) < 0:
             raise ValueError(f"a block id is outside the cache ({self.kv_cache.num_blocks} blocks)")
+        if self.fused_decode is not None and len(ids) == len(items):
+            return self._fused_decode_step(ids, positions, slots, tables, logit_rows)
         dev = self.device
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
@@ -110,3 +116,20 @@ class ModelRunner:
             logits_indices = torch.empty(0, dtype=torch.long, device=dev)
         logits = self.model(input_ids, pos, attn, self.kv_cache.layers, logits_indices)
         return logits.float()
+
+    def _fused_decode_step(self, ids: list[int], positions: list[int], slots: list[int],
+                           tables: list[Sequence[int]], logit_rows: list[int]) -> torch.Tensor:
+        """A decode-only step through :class:`FusedDecodeStack` (same math as the module path)."""
+        bs = self.block_size
+        widest = max(-(-(p + 1) // bs) for p in positions)
+        # Rows are padded with block 0; the kernel reads only each row's valid prefix.
+        padded = [list(t[:widest]) + [0] * (widest - len(t[:widest])) for t in tables]
+        self.model.rotary.ensure_positions(max(positions) + 1)
+        assert self.fused_decode is not None
+        hidden = self.fused_decode.hidden_states(
+            torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+            torch.tensor(slots, dtype=torch.long), torch.tensor(padded, dtype=torch.long),
+            torch.tensor([p + 1 for p in positions], dtype=torch.long))
+        if len(logit_rows) != len(ids):
+            hidden = hidden.index_select(0, torch.tensor(logit_rows, dtype=torch.long))
+        return self.model.compute_logits(hidden).float()

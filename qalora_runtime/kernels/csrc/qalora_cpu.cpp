@@ -115,6 +115,15 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
 
 }  // namespace
 
+namespace qalora {
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
+                         int64_t group, int64_t N, int64_t mode) {
+  return qalora_linear(x, qw, ss, bits, group, N, mode, true);
+}
+
+}  // namespace qalora
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qalora fused low-bit CPU kernels (float zero-points)";
   m.def("linear", &qalora_linear, "y = x @ W for a quad-interleaved packed layer",
@@ -128,5 +137,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &qalora::decode_attention, "one-token attention over the paged KV cache",
         py::arg("q"), py::arg("cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("window"),
         py::arg("scale"));
+  qalora::register_fused_decoder(m);
   m.def("has_avx2", &qalora::cpu_has_avx2, "whether the AVX2/FMA paths can run on this CPU");
 }

@@ -20,6 +20,14 @@ void rope_(at::Tensor& x, int64_t heads, int64_t head_dim, const at::Tensor& cos
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, int64_t window, double scale);
 
+// y[M, N] = x[M, K] @ W for a layer in the packed layout of qalora_layout.h;
+// mode 0 = int8-activation GEMV, 1 = exact fp32 GEMV, 2 = tiled GEMM.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
+                         int64_t group, int64_t N, int64_t mode);
+
 bool cpu_has_avx2();
+
+// Adds FusedDecoder (qalora_decode.cpp) and its weight bundle to the module.
+void register_fused_decoder(pybind11::module_& m);
 
 }  // namespace qalora
