@@ -166,11 +166,13 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, single stream, prompt {len(prompt_ids)} tokens, "
           f"{args.tokens} decode tokens, best of {args.repeats}, {args.threads} threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    print(f"| {'engine':<30} | {'weights':<55} | {'decode tok/s':>12} |")
-    print(f"|{'-' * 32}|{'-' * 57}|{'-' * 14}|")
+    llama_rate = rows[-1][2]
+    print(f"| {'engine':<30} | {'weights':<55} | {'decode tok/s':>12} | {'vs llama.cpp':>12} |")
+    print(f"|{'-' * 32}|{'-' * 57}|{'-' * 14}|{'-' * 14}|")
     for name, what, rate in rows:
         shown = f"{rate:12.1f}" if rate is not None else f"{'not installed':>12}"
-        print(f"| {name:<30} | {what:<55} | {shown} |")
+        ratio = f"{rate / llama_rate:11.2f}x" if rate and llama_rate else f"{'':>12}"
+        print(f"| {name:<30} | {what:<55} | {shown} | {ratio} |")
 
 
 if __name__ == "__main__":
