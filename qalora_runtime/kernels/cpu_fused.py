@@ -119,6 +119,15 @@ class CpuFusedKernel(LinearKernel):
         return y.reshape(*lead, n)
 
 
+    supports_columns = True
+
+    def columns(self, ids: torch.Tensor, weights: dict[str, torch.Tensor], spec: QuantSpec,
+                in_features: int, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(ids.shape[0], in_features, dtype=dtype)
+        _ext.packed_embedding(ids.contiguous(), weights["qw"], weights["ss"], spec.bits, spec.group_size,
+                              weights["out_features"].shape[0], out)
+        return out
+
     @staticmethod
     def native_weights(weights: dict[str, torch.Tensor], spec: QuantSpec, bias: torch.Tensor | None):
         """This layer's tensors bundled for the C++ ``FusedDecoder`` (which calls the kernel directly)."""

@@ -71,6 +71,18 @@ class LinearKernel(ABC):
     ) -> torch.Tensor:
         """``x[M, K]`` (compute dtype) -> ``y[M, N]`` in the same dtype."""
 
+    #: Whether :meth:`columns` can read single output columns from the packed layout.
+    supports_columns: ClassVar[bool] = False
+
+    def columns(self, ids: torch.Tensor, weights: dict[str, torch.Tensor], spec: QuantSpec,
+                in_features: int, dtype: torch.dtype) -> torch.Tensor:
+        """``W[:, ids].T`` as ``[len(ids), K]`` in ``dtype``: an embedding lookup from a tied head.
+
+        Lets a quantized tied embedding share its packed lm_head's tensors instead of
+        keeping a second copy. Only kernels with ``supports_columns`` implement it.
+        """
+        raise NotImplementedError(f"kernel {self.name!r} cannot read columns")
+
 
 _KERNELS: dict[str, type[LinearKernel]] = {}
 

@@ -4,6 +4,8 @@ A quantized embedding is stored in linear orientation (``in = hidden``,
 ``out = vocab``: ``qweight[hidden*bits/32, vocab]``) so a tied lm_head uses the
 same tensors as a packed linear. A lookup therefore gathers the columns of the
 looked-up tokens and dequantizes only those: the table stays packed in memory.
+When the tied head's kernel can read columns of its own layout
+(:class:`HeadColumnEmbedding`), the embedding holds no tensors of its own.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..quant.linear import PackedLinear
 from ..quant.packing import unpack_int32
 from ..quant.spec import QuantSpec
 
@@ -60,3 +63,34 @@ class QuantizedEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.hidden_size}, bits={self.spec.bits}, "
                 f"group_size={self.spec.group_size}")
+
+
+class HeadColumnEmbedding(nn.Module):
+    """Embedding lookup that reads token columns straight from a tied, packed lm_head.
+
+    The head's kernel repacks the table into its own layout; reading columns from
+    that layout (``LinearKernel.columns``) avoids keeping the GPTQ-layout table a
+    second time (28 MB for SmolLM2's 8-bit 49152x576 table). The tensors are the
+    head's own, registered here as non-persistent buffers (same storage).
+    """
+
+    def __init__(self, head: PackedLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        if not head.kernel.supports_columns:
+            raise ValueError(f"kernel {head.kernel.name!r} cannot serve embedding lookups")
+        self.kernel = head.kernel
+        self.spec = head.spec
+        self.dtype = dtype
+        self.hidden_size = head.in_features
+        self.num_embeddings = head.out_features
+        self._names = tuple(head.packed_weights)
+        for name, tensor in head.packed_weights.items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weights = {name: self._buffers[name] for name in self._names}
+        return self.kernel.columns(ids, weights, self.spec, self.hidden_size, self.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.hidden_size}, bits={self.spec.bits}, "
+                f"group_size={self.spec.group_size}, shared with lm_head ({self.kernel.name})")

@@ -23,7 +23,7 @@ from torch import nn
 from ..formats.checkpoint import MergedCheckpoint
 from ..kernels.layer_ops import silu_mul
 from ..kernels.registry import select_kernel
-from ..layers.embedding import DenseEmbedding, QuantizedEmbedding
+from ..layers.embedding import DenseEmbedding, HeadColumnEmbedding, QuantizedEmbedding
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..quant.linear import DenseLinear, PackedLinear, load_linear
@@ -202,6 +202,9 @@ class DecoderForCausalLM(nn.Module):
                 # A quantized tied embedding serves as a packed lm_head.
                 head = PackedLinear.from_quantized([qw], head_dtype, device)
                 self.lm_head = head
+                if head.kernel.supports_columns:  # lookups read the head's own layout: one copy
+                    self.model.embed_tokens = HeadColumnEmbedding(head, dtype)
+                    return
                 # Share the GPTQ tensors when the kernel kept them as they are (no second copy).
                 for key in tensors:
                     kept = head.packed_weights.get(key)

@@ -166,3 +166,24 @@ def test_bad_inputs_raise_clear_errors():
         ext.decode_attention(q, cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([17]), 0, 1.0)
     with pytest.raises(RuntimeError, match="block id outside the cache"):
         ext.decode_attention(q, cache, torch.tensor([[7]]), torch.tensor([3]), 0, 1.0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_columns_from_the_packed_head_layout(bits, dtype):
+    from qalora_runtime.kernels.cpu_fused import CpuFusedKernel
+    from qalora_runtime.kernels.reference import dequantize
+    from qalora_runtime.quant.quantize import quantize_rtn
+    from qalora_runtime.quant.spec import QuantSpec
+
+    spec = QuantSpec(bits, 32)
+    table = torch.randn(50, 96, generator=torch.Generator().manual_seed(bits))  # [vocab, hidden]
+    qweight, scales, zeros = quantize_rtn(table, spec, name="embed")
+    kernel = CpuFusedKernel()
+    weights = kernel.prepare(qweight, scales, zeros, spec, dtype, torch.device("cpu"))
+    ids = torch.tensor([0, 49, 7, 7, 13])  # first, last (padded quad), repeated
+    got = kernel.columns(ids, weights, spec, 96, dtype)
+    want = dequantize(qweight, scales, zeros, spec, torch.float64).t()[ids]  # [T, hidden]
+    _close(got, want, dtype)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        kernel.columns(torch.tensor([50]), weights, spec, 96, dtype)

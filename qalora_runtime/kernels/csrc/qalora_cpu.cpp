@@ -137,6 +137,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &qalora::decode_attention, "one-token attention over the paged KV cache",
         py::arg("q"), py::arg("cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("window"),
         py::arg("scale"));
+  m.def("packed_embedding", &qalora::packed_embedding, "embedding lookup from a packed [hidden -> vocab] layer",
+        py::arg("ids"), py::arg("qw"), py::arg("ss"), py::arg("bits"), py::arg("group"), py::arg("N"),
+        py::arg("out"));
   qalora::register_fused_decoder(m);
   m.def("has_avx2", &qalora::cpu_has_avx2, "whether the AVX2/FMA paths can run on this CPU");
 }

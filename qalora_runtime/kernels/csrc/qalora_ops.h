@@ -25,6 +25,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
                          int64_t group, int64_t N, int64_t mode);
 
+// out[t, :] = column ids[t] of a packed layer W[K, N] (an embedding stored as a
+// linear layer hidden -> vocab, e.g. a tied lm_head); out is [T, K] fp32 or bf16.
+void packed_embedding(const at::Tensor& ids, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
+                      int64_t group, int64_t N, at::Tensor& out);
+
 bool cpu_has_avx2();
 
 // Adds FusedDecoder (qalora_decode.cpp) and its weight bundle to the module.
