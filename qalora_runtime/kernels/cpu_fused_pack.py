@@ -3,7 +3,8 @@
 Layout (mirrors ``csrc/qalora_layout.h``): output features are grouped in quads
 (N padded to a multiple of 4 with zero columns); for each quad, each block of 32
 inputs holds 4 columns x ``4*bits`` bytes of levels, so a thread streams one
-contiguous buffer; scales and ``s*(z - off)`` are fp32 ``[N/4, K/G, 2, 4]``.
+contiguous buffer (3-bit: one 48-byte quad-block whose bytes mix the columns);
+scales and ``s*(z - off)`` are fp32 ``[N/4, K/G, 2, 4]``.
 Everything stays packed: ``bits/8`` bytes per weight plus 8 bytes per group and column.
 """
 
@@ -20,23 +21,33 @@ def level_offset(bits: int) -> int:
     return 128 if bits == 8 else 0
 
 
+def _pack_quad3(q: torch.Tensor) -> torch.Tensor:
+    """3-bit ``q[..., 4, 32]`` (a quad's 4 columns of one block) -> ``[..., 48]`` quad-block.
+
+    Bytes 0-31: ``q0 | q1 << 3 | (q2 & 3) << 6``; bytes 32-47 (j < 16):
+    ``q3[j] | (q2[j] >> 2) << 3 | q3[j+16] << 4 | (q2[j+16] >> 2) << 7``, see
+    ``qalora_layout.h`` (the AVX2 decoder needs 8 vector ops for all 128 levels).
+    """
+    q0, q1, q2, q3 = q.unbind(-2)
+    a = q0 | (q1 << 3) | ((q2 & 3) << 6)
+    h2 = q2 >> 2
+    b = q3[..., :16] | (h2[..., :16] << 3) | (q3[..., 16:] << 4) | (h2[..., 16:] << 7)
+    return torch.cat([a, b], dim=-1)
+
+
 def _pack_blocks(blocks: torch.Tensor, bits: int) -> torch.Tensor:
-    """``blocks[..., 32]`` int levels -> ``[..., 4*bits]`` uint8 in the kernel's block order."""
+    """``blocks[..., 4, 32]`` int levels (a quad's columns) -> ``[..., 16*bits]`` uint8 in kernel order."""
     b = blocks.to(torch.int32)
+    if bits == 3:
+        return _pack_quad3(b).to(torch.uint8)
     if bits == 4:
         out = b[..., :16] | (b[..., 16:] << 4)
     elif bits == 2:
         q = b.unflatten(-1, (4, 8))
         out = q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)
-    elif bits == 3:
-        low = _pack_blocks(b & 3, 2).to(torch.int32)
-        hb = ((b >> 2) & 1).unflatten(-1, (4, 8))
-        shifts = torch.arange(8, dtype=torch.int32)
-        high = (hb << shifts).sum(-1)
-        out = torch.cat([low, high], dim=-1)
     else:
         out = b ^ 0x80
-    return out.to(torch.uint8)
+    return out.to(torch.uint8).flatten(-2)  # the 4 columns' blocks one after another
 
 
 def repack(

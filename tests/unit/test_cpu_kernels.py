@@ -159,3 +159,32 @@ def test_int4pack_agrees_with_cpu_fused(bits: int) -> None:
     yb = b.forward(x, b.prepare(qweight, scales, zeros, spec, torch.bfloat16, CPU), spec)
     ref = x.to(torch.float64) @ dequantize(qweight, scales, zeros, spec, torch.float64)
     assert rel_err(ya, ref) < 2e-2 and rel_err(yb, ref) < 4.5e-2
+
+
+def test_3bit_quad_block_layout() -> None:
+    """The 48-byte 3-bit quad-block (qalora_layout.h) byte for byte, from known levels."""
+    spec = QuantSpec(3, 32)
+    levels = torch.randint(0, 8, (32, 4), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    qw, _ = cpu_fused.repack(pack_int32(levels, 3, dim=0), torch.ones(1, 4), torch.zeros(1, 4), spec)
+    q = levels.t()  # [column, i]
+    a = q[0] | (q[1] << 3) | ((q[2] & 3) << 6)
+    h = q[2] >> 2
+    b = q[3][:16] | (h[:16] << 3) | (q[3][16:] << 4) | (h[16:] << 7)
+    assert qw.tolist() == torch.cat([a, b]).tolist()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("mode", ["q8", "f32", "gemm"])
+def test_extreme_levels_no_saturation(bits: int, mode: str) -> None:
+    """All levels at max_q (or 0 for 8-bit's -128) and |x| at the int8 limit: no int16 overflow."""
+    spec = QuantSpec(bits, 64)
+    k, n = 256, 8
+    fill = 0 if bits == 8 else spec.max_q
+    levels = torch.full((k, n), fill, dtype=torch.int32)
+    scales, zeros = torch.full((k // 64, n), 0.01), torch.full((k // 64, n), 0.5)
+    qw, ss = cpu_fused.repack(pack_int32(levels, bits, dim=0), scales, zeros, spec)
+    w = dequantize(pack_int32(levels, bits, dim=0), scales, zeros, spec, torch.float64)
+    x = torch.where(torch.arange(k) % 3 == 0, -1.0, 1.0).repeat(3, 1).to(torch.float32)
+    y = cpu_fused.fused_linear(x, qw, ss, spec, n, mode=MODES[mode])
+    ref = (int8_activations(x) if mode == "q8" else x.to(torch.float64)) @ w
+    assert rel_err(y, ref) < 1e-5

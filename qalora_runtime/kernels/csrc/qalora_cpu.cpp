@@ -28,9 +28,9 @@ void f32_gemv_scalar(const LayerView& L, const float* x, int64_t M, float* y, in
         float acc = 0.0f;
         for (int64_t b = 0; b < L.kb(); ++b) {
           const float s = ss[(b / bpg) * 8 + c], sz = ss[(b / bpg) * 8 + 4 + c];
-          const uint8_t* blk = wq + (b * 4 + c) * BB;
+          const uint8_t* qb = wq + b * 4 * BB;
           for (int i = 0; i < 32; ++i)
-            acc += (s * static_cast<float>(level_at(blk, L.bits, i)) - sz) * x[m * K + b * 32 + i];
+            acc += (s * static_cast<float>(level_at(qb, L.bits, c, i)) - sz) * x[m * K + b * 32 + i];
         }
         y[m * L.N + nq * 4 + c] = acc;
       }
@@ -100,10 +100,11 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     const qalora::QuantAct A{xqp, dxp, xsp};
     at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::q8_gemv_avx2(L, A, M, yp, b, e); });
   } else if (mode == kF32) {
-    // Exact per-group sums of x for the zero-point term.
-    at::Tensor xs = xf.view({M, G, group}).sum(-1).contiguous();
-    const float* xsp = xs.data_ptr<float>();
-    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::f32_gemv_avx2(L, xp, xsp, M, yp, b, e); });
+    // Per-group sums of x (zero-point term) or a permuted x (3-bit), by the kernel's rules.
+    at::Tensor xa = at::empty({qalora::f32_prep_floats(L, M)}, xf.options());
+    float* xap = xa.data_ptr<float>();
+    qalora::f32_prepare_avx2(L, xp, M, xap);
+    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::f32_gemv_avx2(L, xp, xap, M, yp, b, e); });
   } else {
     at::parallel_for(0, quads, qalora::kGemmQuads, [&](int64_t b, int64_t e) {
       std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);

@@ -19,9 +19,12 @@ void dequant_tile(const LayerView& L, int64_t qt, int64_t nquads, int64_t k0, in
     const float* ss = L.quad_s(qt + qi);
     for (int64_t b = k0 / 32; b < (k0 + kc) / 32; ++b) {
       const float* sg = ss + (b / bpg) * 8;
+      __m256i v3[4];
+      if constexpr (BITS == 3) unpack3q(wq + b * 4 * BB, v3);
       for (int c = 0; c < 4; ++c) {
         __m256 wf[4];
-        load_float<BITS>(wq + (b * 4 + c) * BB, wf);
+        if constexpr (BITS == 3) to_float<3>(v3[c], wf);
+        else load_float<BITS>(wq + (b * 4 + c) * BB, wf);
         const __m256 s = _mm256_broadcast_ss(sg + c);
         const __m256 sz = _mm256_broadcast_ss(sg + 4 + c);
         float* dst = buf + (qi * 4 + c) * kGemmKC + (b * 32 - k0);

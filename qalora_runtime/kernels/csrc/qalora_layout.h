@@ -7,8 +7,11 @@
 //       for the 4 columns.
 //       4-bit: byte i = q[i] | q[i+16] << 4                       (i < 16)
 //       2-bit: byte i = q[i] | q[i+8] << 2 | q[i+16] << 4 | q[i+24] << 6 (i < 8)
-//       3-bit: bytes 0..7 = low 2 bits as 2-bit; bytes 8..11 = bit i of the
-//              little-endian word is bit 2 of q[i]
+//       3-bit: the 4 columns' blocks are one 48-byte quad-block (not 4 x 12 bytes),
+//              laid out so that AVX2 decodes all 128 levels in 8 vector ops
+//              (unpack3q_scaled). With q0..q3 the columns' levels, i < 32, j < 16:
+//                byte i      = q0[i] | q1[i] << 3 | (q2[i] & 3) << 6
+//                byte 32 + j = q3[j] | (q2[j] >> 2) << 3 | q3[j+16] << 4 | (q2[j+16] >> 2) << 7
 //       8-bit: byte i = q[i] ^ 0x80, i.e. the signed value q[i] - 128
 //   ss: float [N/4, K/G, 2, 4]: ss[.,g,0,c] = s, ss[.,g,1,c] = s * (z - off),
 //       off = 128 for 8-bit, else 0, so that  y = sum_g s*(sum q'x) - sz*sum x
@@ -44,23 +47,38 @@ struct QuantAct {
                      // term's error cancels against the dot term's, see gemv)
 };
 
-// Scalar level decoder: stored level of element i (0..31) of a block.
-inline int level_at(const uint8_t* blk, int64_t bits, int i) {
+// Scalar level decoder: stored level of element i (0..31) of column c (0..3) of
+// the quad-block at `qb` (the 4 * bb() bytes of one quad and one block of 32 inputs).
+inline int level_at(const uint8_t* qb, int64_t bits, int c, int i) {
+  if (bits == 3) {
+    const uint8_t* hb = qb + 32 + (i & 15);
+    const int hs = i < 16 ? 0 : 4;  // low/high nibble of the byte: levels 0-15 / 16-31
+    switch (c) {
+      case 0: return qb[i] & 7;
+      case 1: return (qb[i] >> 3) & 7;
+      case 2: return (qb[i] >> 6) | (((*hb >> (hs + 3)) & 1) << 2);
+      default: return (*hb >> hs) & 7;
+    }
+  }
+  const uint8_t* blk = qb + c * 4 * bits;
   switch (bits) {
     case 4: return (blk[i & 15] >> ((i >> 4) * 4)) & 0xF;
     case 2: return (blk[i & 7] >> ((i >> 3) * 2)) & 0x3;
-    case 3: {
-      int lo = (blk[i & 7] >> ((i >> 3) * 2)) & 0x3;
-      int hi = (blk[8 + (i >> 3)] >> (i & 7)) & 1;
-      return lo | (hi << 2);
-    }
     default: return static_cast<int>(static_cast<int8_t>(blk[i]));
   }
 }
 
 // ISA-specific entry points; each covers quads [q0, q1) and writes y[M, N].
 void q8_gemv_avx2(const LayerView& L, const QuantAct& A, int64_t M, float* y, int64_t q0, int64_t q1);
-void f32_gemv_avx2(const LayerView& L, const float* x, const float* xs, int64_t M, float* y,
+// f32 path: y = sum_g s * sum(q'x) - s(z-off) * xs, xs the per-group sums of x.
+// f32_prepare_avx2 fills `xa` (f32_prep_floats floats) once per call with xs and,
+// for 2/3/4-bit, the power-of-two scaled (3-bit: permuted) copy of x the kernel
+// multiplies the unshifted levels with.
+inline int64_t f32_prep_floats(const LayerView& L, int64_t M) {
+  return M * L.groups() + (L.bits == 8 ? 0 : M * L.K);
+}
+void f32_prepare_avx2(const LayerView& L, const float* x, int64_t M, float* xa);
+void f32_gemv_avx2(const LayerView& L, const float* x, const float* xa, int64_t M, float* y,
                    int64_t q0, int64_t q1);
 // Prefill: dequantize a tile of kGemmQuads quads x kGemmKC inputs into `buf` (fp32,
 // L2-sized) and multiply it with a register-blocked kernel. `y` must be zeroed.

@@ -385,7 +385,7 @@ void packed_embedding(const at::Tensor& ids, const at::Tensor& qw, const at::Ten
       const float* sg = L.quad_s(nq);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t b = k / 32, g = k / group;
-        const int level = level_at(wq + (b * 4 + c) * L.bb(), bits, static_cast<int>(k % 32));
+        const int level = level_at(wq + b * 4 * L.bb(), bits, static_cast<int>(c), static_cast<int>(k % 32));
         // Same formula as the GEMV paths: s * stored level - s * (z - offset).
         store_f(o + t * K, k, sg[g * 8 + c] * static_cast<float>(level) - sg[g * 8 + 4 + c]);
       }

@@ -23,17 +23,30 @@ static inline __m256i unpack4(const uint8_t* p) {
   return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
 }
 
-static inline __m256i unpack3(const uint8_t* p) {
-  const __m256i lo = unpack2(p);
-  uint32_t h;
-  std::memcpy(&h, p + 8, 4);
-  // Byte i takes byte i/8 of h, then tests bit i%8 of it.
-  const __m256i idx = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
-                                        0x0101010101010101LL, 0x0000000000000000LL);
-  const __m256i bitm = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-  __m256i hv = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(h)), idx);
-  hv = _mm256_cmpeq_epi8(_mm256_and_si256(hv, bitm), bitm);
-  return _mm256_or_si256(lo, _mm256_and_si256(hv, _mm256_set1_epi8(0x04)));
+// 3-bit quad-block (48 bytes = 4 columns x 32 levels, layout in qalora_layout.h) ->
+// the four columns' levels as bytes, columns 1 and 2 *scaled*: v[0] = q0,
+// v[1] = 8*q1, v[2] = 2*q2, v[3] = q3 (8 vector ops for 128 levels; unpack2 needs
+// 2 per 32 and unpack4 3). The scales are powers of two, so a caller multiplies
+// column 1's and 2's results by 1/8 and 1/2 exactly; maddubs stays far from int16
+// saturation (56*127*2 = 14224).
+static inline void unpack3q_scaled(const uint8_t* p, __m256i v[4]) {
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
+  // Low 128-bit lane: column 3's levels 0-15 and column 2's bit 2 from bits 0-3 of
+  // B; high lane: levels 16-31 from bits 4-7.
+  const __m256i t = _mm256_srlv_epi64(b, _mm256_set_epi64x(4, 4, 0, 0));
+  v[0] = _mm256_and_si256(a, _mm256_set1_epi8(0x07));
+  v[1] = _mm256_and_si256(a, _mm256_set1_epi8(0x38));
+  v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 5), _mm256_set1_epi8(0x06)),
+                         _mm256_and_si256(t, _mm256_set1_epi8(0x08)));
+  v[3] = _mm256_and_si256(t, _mm256_set1_epi8(0x07));
+}
+
+// Exact 3-bit levels of a quad-block (gemm tile dequantization, not hot).
+static inline void unpack3q(const uint8_t* p, __m256i v[4]) {
+  unpack3q_scaled(p, v);
+  v[1] = _mm256_and_si256(_mm256_srli_epi16(v[1], 3), _mm256_set1_epi8(0x07));
+  v[2] = _mm256_srli_epi16(v[2], 1);  // bits 1-3 only, so no bits cross bytes
 }
 
 static inline __m256i unpack8(const uint8_t* p) {
@@ -43,7 +56,6 @@ static inline __m256i unpack8(const uint8_t* p) {
 template <int BITS>
 static inline __m256i unpack(const uint8_t* p) {
   if constexpr (BITS == 2) return unpack2(p);
-  else if constexpr (BITS == 3) return unpack3(p);
   else if constexpr (BITS == 4) return unpack4(p);
   else return unpack8(p);
 }
@@ -82,7 +94,7 @@ static inline void to_float(__m256i w, __m256 out[4]) {
   }
 }
 
-// Packed block -> four float vectors straight from memory (f32 path): byte
+// Packed block -> four float vectors straight from memory (f32 path, 2/4/8-bit): byte
 // zero-extension loads replace the unpack + lane shuffles of to_float(unpack())
 // for the layouts where that is possible (fewer shuffle-port ops, the bottleneck).
 template <int BITS>
@@ -102,12 +114,11 @@ static inline void load_float(const uint8_t* p, __m256 out[4]) {
     out[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 2), m));
     out[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 4), m));
     out[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 6));
-  } else if constexpr (BITS == 8) {
+  } else {
+    static_assert(BITS == 8, "3-bit blocks are decoded a quad at a time (unpack3q)");
     for (int i = 0; i < 4; ++i)
       out[i] = _mm256_cvtepi32_ps(
           _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i))));
-  } else {
-    to_float<BITS>(unpack<BITS>(p), out);
   }
 }
 
