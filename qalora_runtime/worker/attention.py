@@ -160,8 +160,9 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadat
 def _decode(q: torch.Tensor, cache: torch.Tensor, d: DecodePlan, scale: float,
             block_size: int) -> torch.Tensor:
     if decode_attention_available(q, cache):
-        # One C++ pass reading K/V in place from the paged cache (no gather copy);
-        # same fp32 math as below. ~5x faster at decode sizes on CPU.
+        # One C++ pass reading K/V in place from the paged cache (no gather copy),
+        # same fp32 math as below; measured (1 thread, 9 heads / 3 KV heads) 6 vs
+        # 110 us at 16 keys and 55-75 vs 150-275 us at 260 keys.
         b, heads, dim = q.shape
         return decode_attention(q, cache, d.block_tables, d.seq_lens, d.window, scale).view(b, heads, dim)
     # Hand-written instead of SDPA: at decode sizes (a few heads x a few hundred keys)
