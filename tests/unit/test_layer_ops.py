@@ -187,3 +187,40 @@ def test_embedding_columns_from_the_packed_head_layout(bits, dtype):
     _close(got, want, dtype)
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
         kernel.columns(torch.tensor([50]), weights, spec, 96, dtype)
+
+
+def test_long_kernel_calls_release_the_gil():
+    """While a linear runs (the engine thread), another Python thread (the server's event loop) runs too."""
+    import threading
+    import time
+
+    from qalora_runtime.kernels.cpu_fused import CpuFusedKernel
+    from qalora_runtime.quant.packing import pack_int32
+    from qalora_runtime.quant.spec import QuantSpec
+
+    spec, k = QuantSpec(4, 32), 2048
+    gen = torch.Generator().manual_seed(0)
+    qw = pack_int32(torch.randint(0, 16, (k, k), dtype=torch.int32, generator=gen), 4, dim=0)
+    kernel = CpuFusedKernel()
+    weights = kernel.prepare(qw, torch.rand(k // 32, k), torch.rand(k // 32, k), spec, torch.float32,
+                             torch.device("cpu"))
+    x = torch.randn(96, k, generator=gen)
+    ticks, done = [0], threading.Event()
+
+    def other_thread() -> None:
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        start = time.perf_counter()
+        kernel.forward(x, weights, spec)
+        elapsed = time.perf_counter() - start
+        before = ticks[0]
+    finally:
+        done.set()
+        thread.join()
+    # Holding the GIL for the whole call would allow at most a tick or two.
+    assert elapsed > 0.005 and before >= 3, (elapsed, before)

@@ -127,9 +127,13 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qalora fused low-bit CPU kernels (float zero-points)";
+  // The long-running calls release the GIL (like ATen ops do), so the server's
+  // event loop keeps streaming and accepting requests while the engine thread
+  // computes a step. The few-microsecond ops keep it: a release costs about as much.
+  using release_gil = py::call_guard<py::gil_scoped_release>;
   m.def("linear", &qalora_linear, "y = x @ W for a quad-interleaved packed layer",
         py::arg("x"), py::arg("qw"), py::arg("ss"), py::arg("bits"), py::arg("group"), py::arg("N"),
-        py::arg("mode"), py::arg("allow_simd") = true);
+        py::arg("mode"), py::arg("allow_simd") = true, release_gil());
   m.def("rms_norm", &qalora::rms_norm, "(residual += x) then RMSNorm, one pass", py::arg("x"),
         py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("silu_mul", &qalora::silu_mul, "silu(gate) * up of a fused gate_up projection", py::arg("gate_up"));
@@ -137,7 +141,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("heads"), py::arg("head_dim"), py::arg("cos_table"), py::arg("sin_table"), py::arg("positions"));
   m.def("decode_attention", &qalora::decode_attention, "one-token attention over the paged KV cache",
         py::arg("q"), py::arg("cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("window"),
-        py::arg("scale"));
+        py::arg("scale"), release_gil());
   m.def("packed_embedding", &qalora::packed_embedding, "embedding lookup from a packed [hidden -> vocab] layer",
         py::arg("ids"), py::arg("qw"), py::arg("ss"), py::arg("bits"), py::arg("group"), py::arg("N"),
         py::arg("out"));

@@ -134,7 +134,7 @@ void register_fused_decoder(pybind11::module_& m) {
       .def("num_layers", &FusedDecoder::num_layers)
       .def("forward", &FusedDecoder::forward, py::arg("x"), py::arg("positions"), py::arg("slots"),
            py::arg("block_tables"), py::arg("seq_lens"), py::arg("cos_table"), py::arg("sin_table"),
-           py::arg("mode"));
+           py::arg("mode"), py::call_guard<py::gil_scoped_release>());  // a whole step: let the server run
 }
 
 }  // namespace qalora
