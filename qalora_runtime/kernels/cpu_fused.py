@@ -118,7 +118,6 @@ class CpuFusedKernel(LinearKernel):
         y = fused_linear(x.reshape(-1, x.shape[-1]), weights["qw"], weights["ss"], spec, n)
         return y.reshape(*lead, n)
 
-
     supports_columns = True
 
     def columns(self, ids: torch.Tensor, weights: dict[str, torch.Tensor], spec: QuantSpec,

@@ -100,7 +100,7 @@ class ModelRunner:
         if max(slots) >= self.kv_cache.num_slots or min(slots) < 0:
             raise ValueError(f"a block id is outside the cache ({self.kv_cache.num_blocks} blocks)")
         if self.fused_decode is not None and len(ids) == len(items):
-            return self._fused_decode_step(ids, positions, slots, tables, logit_rows)
+            return self._fused_decode_step(self.fused_decode, ids, positions, slots, tables, logit_rows)
         dev = self.device
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
@@ -117,16 +117,16 @@ class ModelRunner:
         logits = self.model(input_ids, pos, attn, self.kv_cache.layers, logits_indices)
         return logits.float()
 
-    def _fused_decode_step(self, ids: list[int], positions: list[int], slots: list[int],
-                           tables: list[Sequence[int]], logit_rows: list[int]) -> torch.Tensor:
+    def _fused_decode_step(self, stack: FusedDecodeStack, ids: list[int], positions: list[int],
+                           slots: list[int], tables: list[Sequence[int]],
+                           logit_rows: list[int]) -> torch.Tensor:
         """A decode-only step through :class:`FusedDecodeStack` (same math as the module path)."""
         bs = self.block_size
         widest = max(-(-(p + 1) // bs) for p in positions)
         # Rows are padded with block 0; the kernel reads only each row's valid prefix.
         padded = [list(t[:widest]) + [0] * (widest - len(t[:widest])) for t in tables]
         self.model.rotary.ensure_positions(max(positions) + 1)
-        assert self.fused_decode is not None
-        hidden = self.fused_decode.hidden_states(
+        hidden = stack.hidden_states(
             torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
             torch.tensor(slots, dtype=torch.long), torch.tensor(padded, dtype=torch.long),
             torch.tensor([p + 1 for p in positions], dtype=torch.long))

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_models_tiny import BLOCK, VARIANTS, VOCAB, PagedSequence, _runner, build_pair
 
 from qalora_runtime.kernels import layer_ops
 from qalora_runtime.models.fused_decode import FUSED_DECODE_ENV, FusedDecodeStack
 from qalora_runtime.worker.model_runner import ModelRunner
-
-from test_models_tiny import BLOCK, VOCAB, VARIANTS, PagedSequence, _runner, build_pair
 
 pytestmark = pytest.mark.skipif(layer_ops._EXT is None, reason="C++ extension not built")
 
