@@ -24,6 +24,7 @@ OPS_ENV = "QALORA_LAYER_OPS"
 # they must not re-read the environment. Tests swap it for None to get PyTorch.
 _EXT = None if os.environ.get(OPS_ENV, "") == "torch" else load_extension()
 _EXT_DTYPES = (torch.float32, torch.bfloat16)
+_EXT_AVX2 = _EXT is not None and _EXT.has_avx2()  # decode attention has no scalar path
 
 
 def _ext_for(t: torch.Tensor):
@@ -79,8 +80,7 @@ def rope_(x: torch.Tensor, heads: int, head_dim: int, cos_table: torch.Tensor, s
 
 def decode_attention_available(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether :func:`decode_attention` has a fused implementation for these tensors."""
-    ext = _ext_for(q)
-    return ext is not None and ext.has_avx2() and cache.dtype == q.dtype and cache.is_contiguous()
+    return _ext_for(q) is not None and _EXT_AVX2 and cache.dtype == q.dtype and cache.is_contiguous()
 
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from random_layers import random_layer as shared_random_layer
 
 from qalora_runtime.kernels import registry
 from qalora_runtime.kernels.cpu_fused_build import load_extension
@@ -30,7 +31,7 @@ from qalora_runtime.quant.spec import QuantSpec
 if load_extension() is None:
     pytest.skip("qalora C++ CPU extension could not be built (see warning log)", allow_module_level=True)
 
-from qalora_runtime.kernels import cpu_fused  # noqa: E402  (needs the extension)
+from qalora_runtime.kernels import cpu_fused
 
 CPU = torch.device("cpu")
 BITS = (2, 3, 4, 8)
@@ -42,12 +43,7 @@ K, N = 640, 70
 
 
 def random_layer(k: int, n: int, spec: QuantSpec, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    levels = torch.randint(0, spec.max_q + 1, (k, n), generator=gen, dtype=torch.int32)
-    groups = k // spec.group_size
-    scales = torch.rand(groups, n, generator=gen) * 0.02 + 0.001
-    zeros = torch.rand(groups, n, generator=gen) * (spec.max_q + 2) - 1.0
-    return pack_int32(levels, spec.bits, dim=0), scales, zeros
+    return shared_random_layer(k, n, spec, seed)[1:]  # (qweight, scales, zeros)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -41,10 +41,12 @@ import torch
 
 pytest.importorskip("triton")
 
+from random_layers import random_layer
+
 from qalora_runtime.kernels import registry
 from qalora_runtime.kernels import triton_fused as tf
 from qalora_runtime.kernels.reference import dequantize, reference_linear
-from qalora_runtime.quant.packing import pack_int32, unpack_int32
+from qalora_runtime.quant.packing import unpack_int32
 from qalora_runtime.quant.spec import QuantSpec
 
 CUDA = torch.cuda.is_available()
@@ -61,16 +63,6 @@ MS = (1, 3, 17)
 # TRITON_INTERPRET=0 on such a machine, nothing here can run.
 if not CUDA and not tf.interpreted():
     pytest.skip("no CUDA device and Triton's interpreter is off (TRITON_INTERPRET=0)", allow_module_level=True)
-
-
-def random_layer(k: int, n: int, spec: QuantSpec, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    levels = torch.randint(0, spec.max_q + 1, (k, n), generator=gen, dtype=torch.int32)
-    groups = k // spec.group_size
-    scales = torch.rand(groups, n, generator=gen) * 0.02 + 0.001
-    # Real-valued zeros a bit outside the level range, as a merged QA-LoRA layer has.
-    zeros = torch.rand(groups, n, generator=gen) * (spec.max_q + 2) - 1.0
-    return levels, pack_int32(levels, spec.bits, dim=0), scales, zeros
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
