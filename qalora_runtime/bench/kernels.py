@@ -26,20 +26,70 @@ DEFAULT_SHAPES = "576x576,576x1536,1536x576,4096x4096,4096x11008,11008x4096"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _csv(convert: Callable[[str], object], what: str) -> Callable[[str], list]:
+    """An argparse ``type`` for a comma list: each item through ``convert``, a clear error otherwise."""
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {what}, got {text!r}")
+        try:
+            return [convert(item) for item in items]
+        except (KeyError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"bad {what} in {text!r}: {exc}") from None
+    return parse
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"{value} is not positive")
+    return value
+
+
+def _bits(text: str) -> int:
+    value = int(text)
+    if value not in (2, 3, 4, 8):
+        raise ValueError(f"{value} is not one of 2, 3, 4, 8")
+    return value
+
+
+def _shape(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2:
+        raise ValueError(f"{text!r} is not KxN")
+    return _positive(parts[0]), _positive(parts[1])
+
+
+def _dtype_name(text: str) -> str:
+    if text not in DTYPES:
+        raise ValueError(f"{text!r} is not one of {', '.join(DTYPES)}")
+    return text
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qalora bench kernels", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of KxN (in x out features)")
-    p.add_argument("--m", default="1,4,16,64,256", help="comma list of row counts M")
-    p.add_argument("--bits", default="2,3,4,8", help="comma list of bit widths")
+    p.add_argument("--shapes", type=_csv(_shape, "KxN shapes"), default=DEFAULT_SHAPES,
+                   help="comma list of KxN (in x out features)")
+    p.add_argument("--m", type=_csv(_positive, "row counts"), default="1,4,16,64,256",
+                   help="comma list of row counts M")
+    p.add_argument("--bits", type=_csv(_bits, "bit widths"), default="2,3,4,8", help="comma list of bit widths")
     p.add_argument("--group", type=int, default=32, help="quantization group size")
-    p.add_argument("--dtype", default="bf16,fp32", help="activation dtypes for the kernels")
+    p.add_argument("--dtype", type=_csv(_dtype_name, "dtypes"), default="bf16,fp32",
+                   help=f"activation dtypes for the kernels ({', '.join(DTYPES)})")
     p.add_argument("--kernels", default="", help="comma list of kernel names (default: all CPU ones)")
     p.add_argument("--pool-mib", type=float, default=96.0, help="bytes cycled per timing (> L3)")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per entry")
     p.add_argument("--max-call", type=float, default=3.0,
                    help="skip a dense baseline whose single call is predicted above this (s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = sorted(set(s for s in args.kernels.split(",") if s) - set(available_kernels()))
+    if unknown:
+        p.error(f"unknown kernel(s) {', '.join(unknown)}; available: {', '.join(sorted(available_kernels()))}")
+    for k, _ in args.shapes:
+        if k % args.group:
+            p.error(f"--group {args.group} does not divide K={k}")
+    return args
 
 
 def _time_pool(fn: Callable[[object], object], pool: Sequence[object], min_time: float) -> float:
@@ -125,7 +175,7 @@ def _kernel_rows(k: int, n: int, bits: int, ms: list[int], args: argparse.Namesp
     for name, cls in sorted(available_kernels().items()):
         if (wanted and name not in wanted) or (not wanted and name == "dequant_fallback"):
             continue
-        for dname in args.dtype.split(","):
+        for dname in args.dtype:
             dtype = DTYPES[dname]
             if not cls.supports(spec, k, n, torch.device("cpu"), dtype):
                 continue
@@ -156,9 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ms = [int(v) for v in args.m.split(",") if v]
-    bits_list = [int(v) for v in args.bits.split(",") if v]
-    shapes = [tuple(int(d) for d in s.lower().split("x")) for s in args.shapes.split(",") if s]
+    ms, bits_list, shapes = args.m, args.bits, args.shapes
     out = sys.stdout
     out.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"CPU capability {torch.backends.cpu.get_cpu_capability()}, group {args.group}\n")

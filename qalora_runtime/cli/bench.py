@@ -1,17 +1,17 @@
-"""`qalora bench kernels [options]`: the kernel speed table (see qalora_runtime/bench/kernels.py)."""
+"""`qalora bench kernels|crossover [options]`: kernel speed table and GEMV/GEMM crossover (qalora_runtime/bench/)."""
 
 from __future__ import annotations
 
 import argparse
 
-BENCHES = ("kernels",)
+BENCHES = ("kernels", "crossover")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the `bench` subcommand; everything after the bench name goes to that bench."""
     p = subparsers.add_parser(
         "bench",
-        help="benchmarks: `qalora bench kernels --help`",
+        help="benchmarks: `qalora bench kernels --help`, `qalora bench crossover --help`",
         description="Run a benchmark; options after its name are the benchmark's own.",
     )
     p.add_argument("which", choices=BENCHES, help="which benchmark")
@@ -22,6 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the benchmark's own ``main``."""
-    from ..bench import kernels
+    from ..bench import crossover, kernels
 
-    return int(kernels.main(args.bench_args) or 0)
+    bench = {"kernels": kernels, "crossover": crossover}[args.which]
+    return int(bench.main(args.bench_args) or 0)

@@ -30,7 +30,7 @@ MODE_Q8, MODE_F32, MODE_GEMM = 0, 1, 2
 INT8_ACT_ENV = "QALORA_CPU_INT8_ACT"
 
 #: Smallest M that takes the tiled GEMM path, per activation dtype (measured with
-#: ``python -m qalora_runtime.bench.kernels --crossover``, see docs/BENCHMARKS.md).
+#: ``qalora bench crossover``, see docs/BENCHMARKS.md).
 GEMM_MIN_M = {torch.float32: 3, torch.bfloat16: 12}
 
 _ext = load_extension()

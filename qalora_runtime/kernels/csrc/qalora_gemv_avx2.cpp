@@ -4,10 +4,13 @@
 // and column one integer dot (maddubs + madd), one int->float convert and one FMA
 // by the block's activation scale; per group one FMA by the weight scale, and the
 // float zero-point costs one FMA per group for 4 columns: - s*z * sum(x_group).
-// f32 path (exact up to fp32 summation order): 4/8-bit levels are converted to
-// float and multiplied by the fp32 activations (zero term as in q8); 2/3-bit levels
-// index a per-group 8-entry table of dequantized weights s*k - s*z (one vpermps per
-// 8 weights, no int->float conversion, no zero term).
+// f32 path (exact up to fp32 summation order): 2/3/4-bit levels are masked in
+// place (no shifts; the power-of-two offsets are undone by a prepared copy of x),
+// 8-bit ones sign-extended; all are converted to float and multiplied by the
+// fp32 activations, with the zero term as in q8. The cost per weight is the same
+// at every width (one convert and one FMA per 8 weights), so 2/3-bit are not
+// faster than 4-bit on this path: see docs/BENCHMARKS.md and
+// scripts/kernel_experiments/ for the lookup-table alternative that was measured.
 #pragma GCC target("avx2,fma,f16c")
 #include "qalora_layout.h"
 #include "qalora_unpack_avx2.h"

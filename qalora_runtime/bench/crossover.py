@@ -1,0 +1,93 @@
+"""``qalora bench crossover``: where the CPU fused kernel's tiled GEMM starts to beat its GEMV.
+
+``cpu_fused`` runs small M as a GEMV (``q8`` for bf16 activations, exact ``f32``
+for fp32) and large M as a tiled dequantize-and-multiply GEMM; ``GEMM_MIN_M`` in
+``kernels/cpu_fused.py`` is the switch point. This bench times both strategies
+on the same layers (a pool larger than L3, as in ``qalora bench kernels``) for
+every M in ``--m`` and prints, per shape, bit width and dtype, the smallest M
+from which the GEMM is faster at every larger M measured, next to the value
+the dispatcher uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from ..kernels import cpu_fused
+from ..quant.spec import QuantSpec
+from .kernels import DTYPES, _bits, _csv, _dtype_name, _pool_size, _positive, _random_layer, _shape, _time_pool
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="qalora bench crossover", description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=_csv(_shape, "KxN shapes"), default="576x1536,1536x576,4096x4096",
+                   help="comma list of KxN (in x out features)")
+    p.add_argument("--m", type=_csv(_positive, "row counts"), default="1,2,3,4,6,8,12,16,24,32",
+                   help="comma list of row counts M, ascending")
+    p.add_argument("--bits", type=_csv(_bits, "bit widths"), default="4", help="comma list of bit widths")
+    p.add_argument("--group", type=int, default=32, help="quantization group size")
+    p.add_argument("--dtype", type=_csv(_dtype_name, "dtypes"), default="bf16,fp32",
+                   help=f"activation dtypes ({', '.join(DTYPES)})")
+    p.add_argument("--pool-mib", type=float, default=96.0, help="bytes cycled per timing (> L3)")
+    p.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per entry")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = p.parse_args(argv)
+    if cpu_fused._ext is None:
+        p.error("the cpu_fused extension is not available on this machine (no compiler?)")
+    if args.m != sorted(args.m):
+        p.error("--m must be ascending")
+    for k, _ in args.shapes:
+        if k % args.group:
+            p.error(f"--group {args.group} does not divide K={k}")
+    return args
+
+
+def crossover_m(gemv_s: Sequence[float], gemm_s: Sequence[float], ms: Sequence[int]) -> int | None:
+    """Smallest M from which the GEMM is faster at every M measured after it (None: never)."""
+    best: int | None = None
+    for m, tv, tm in reversed(list(zip(ms, gemv_s, gemm_s))):
+        if tm >= tv:
+            break
+        best = m
+    return best
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the GEMV/GEMM timing table per layer and the measured crossover; returns an exit code."""
+    args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = sys.stdout
+    out.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads, group {args.group}\n")
+    for k, n in args.shapes:
+        for bits in args.bits:
+            spec = QuantSpec(bits, args.group)
+            qw, ss = cpu_fused.repack(*_random_layer(k, n, spec), spec)
+            layer_bytes = qw.numel() + ss.numel() * 4
+            pool = [(qw, ss)] + [(qw.clone(), ss.clone()) for _ in range(_pool_size(layer_bytes, args.pool_mib) - 1)]
+            for dname in args.dtype:
+                dtype = DTYPES[dname]
+                gemv_mode = cpu_fused.MODE_Q8 if dtype == torch.bfloat16 else cpu_fused.MODE_F32
+                gemv_s, gemm_s = [], []
+                for m in args.m:
+                    x = torch.randn(m, k).to(dtype)
+                    for mode, acc in ((gemv_mode, gemv_s), (cpu_fused.MODE_GEMM, gemm_s)):
+                        acc.append(_time_pool(
+                            lambda w, mode=mode: cpu_fused.fused_linear(x, w[0], w[1], spec, n, mode=mode),
+                            pool, args.min_time))
+                found = crossover_m(gemv_s, gemm_s, args.m)
+                out.write(f"\nK={k} N={n} {bits}-bit {dname}: crossover M = {found if found else 'none'} "
+                          f"(dispatcher: GEMM_MIN_M = {cpu_fused.GEMM_MIN_M.get(dtype)})\n")
+                out.write(f"  {'M':>4} {'gemv us':>10} {'gemm us':>10}  faster\n")
+                for m, tv, tm in zip(args.m, gemv_s, gemm_s):
+                    out.write(f"  {m:>4} {tv * 1e6:10.1f} {tm * 1e6:10.1f}  {'gemm' if tm < tv else 'gemv'}\n")
+                out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
