@@ -18,25 +18,36 @@ from collections.abc import Sequence
 import torch
 
 from ..kernels import cpu_fused
+from ..kernels.cpu_fused_pack import repack
 from ..quant.spec import QuantSpec
-from .kernels import DTYPES, _bits, _csv, _dtype_name, _pool_size, _positive, _random_layer, _shape, _time_pool
+from .common import (
+    DTYPES,
+    bit_width,
+    csv_list,
+    dtype_name,
+    kxn_shape,
+    pool_size,
+    positive_int,
+    random_layer,
+    time_pool,
+)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qalora bench crossover", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", type=_csv(_shape, "KxN shapes"), default="576x1536,1536x576,4096x4096",
+    p.add_argument("--shapes", type=csv_list(kxn_shape, "KxN shapes"), default="576x1536,1536x576,4096x4096",
                    help="comma list of KxN (in x out features)")
-    p.add_argument("--m", type=_csv(_positive, "row counts"), default="1,2,3,4,6,8,12,16,24,32",
+    p.add_argument("--m", type=csv_list(positive_int, "row counts"), default="1,2,3,4,6,8,12,16,24,32",
                    help="comma list of row counts M, ascending")
-    p.add_argument("--bits", type=_csv(_bits, "bit widths"), default="4", help="comma list of bit widths")
+    p.add_argument("--bits", type=csv_list(bit_width, "bit widths"), default="4", help="comma list of bit widths")
     p.add_argument("--group", type=int, default=32, help="quantization group size")
-    p.add_argument("--dtype", type=_csv(_dtype_name, "dtypes"), default="bf16,fp32",
+    p.add_argument("--dtype", type=csv_list(dtype_name, "dtypes"), default="bf16,fp32",
                    help=f"activation dtypes ({', '.join(DTYPES)})")
     p.add_argument("--pool-mib", type=float, default=96.0, help="bytes cycled per timing (> L3)")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per entry")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = p.parse_args(argv)
-    if cpu_fused._ext is None:
+    if not cpu_fused.extension_available():
         p.error("the cpu_fused extension is not available on this machine (no compiler?)")
     if args.m != sorted(args.m):
         p.error("--m must be ascending")
@@ -66,9 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k, n in args.shapes:
         for bits in args.bits:
             spec = QuantSpec(bits, args.group)
-            qw, ss = cpu_fused.repack(*_random_layer(k, n, spec), spec)
+            qw, ss = repack(*random_layer(k, n, spec), spec)
             layer_bytes = qw.numel() + ss.numel() * 4
-            pool = [(qw, ss)] + [(qw.clone(), ss.clone()) for _ in range(_pool_size(layer_bytes, args.pool_mib) - 1)]
+            pool = [(qw, ss)] + [(qw.clone(), ss.clone()) for _ in range(pool_size(layer_bytes, args.pool_mib) - 1)]
             for dname in args.dtype:
                 dtype = DTYPES[dname]
                 gemv_mode = cpu_fused.MODE_Q8 if dtype == torch.bfloat16 else cpu_fused.MODE_F32
@@ -76,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for m in args.m:
                     x = torch.randn(m, k).to(dtype)
                     for mode, acc in ((gemv_mode, gemv_s), (cpu_fused.MODE_GEMM, gemm_s)):
-                        acc.append(_time_pool(
-                            lambda w, mode=mode: cpu_fused.fused_linear(x, w[0], w[1], spec, n, mode=mode),
+                        acc.append(time_pool(
+                            lambda w, x=x, spec=spec, n=n, mode=mode: cpu_fused.fused_linear(x, w[0], w[1], spec, n, mode=mode),
                             pool, args.min_time))
                 found = crossover_m(gemv_s, gemm_s, args.m)
                 out.write(f"\nK={k} N={n} {bits}-bit {dname}: crossover M = {found if found else 'none'} "

@@ -11,70 +11,36 @@ and dense bf16 ``x @ W`` measured in the same run. Run as
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..kernels.registry import available_kernels
-from ..quant.packing import pack_int32
 from ..quant.spec import QuantSpec
+from .common import (
+    DTYPES,
+    bit_width,
+    csv_list,
+    dtype_name,
+    kxn_shape,
+    pool_size,
+    positive_int,
+    random_layer,
+    time_pool,
+)
 
 DEFAULT_SHAPES = "576x576,576x1536,1536x576,4096x4096,4096x11008,11008x4096"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _csv(convert: Callable[[str], object], what: str) -> Callable[[str], list]:
-    """An argparse ``type`` for a comma list: each item through ``convert``, a clear error otherwise."""
-    def parse(text: str) -> list:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected a comma list of {what}, got {text!r}")
-        try:
-            return [convert(item) for item in items]
-        except (KeyError, ValueError) as exc:
-            raise argparse.ArgumentTypeError(f"bad {what} in {text!r}: {exc}") from None
-    return parse
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(f"{value} is not positive")
-    return value
-
-
-def _bits(text: str) -> int:
-    value = int(text)
-    if value not in (2, 3, 4, 8):
-        raise ValueError(f"{value} is not one of 2, 3, 4, 8")
-    return value
-
-
-def _shape(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2:
-        raise ValueError(f"{text!r} is not KxN")
-    return _positive(parts[0]), _positive(parts[1])
-
-
-def _dtype_name(text: str) -> str:
-    if text not in DTYPES:
-        raise ValueError(f"{text!r} is not one of {', '.join(DTYPES)}")
-    return text
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qalora bench kernels", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", type=_csv(_shape, "KxN shapes"), default=DEFAULT_SHAPES,
+    p.add_argument("--shapes", type=csv_list(kxn_shape, "KxN shapes"), default=DEFAULT_SHAPES,
                    help="comma list of KxN (in x out features)")
-    p.add_argument("--m", type=_csv(_positive, "row counts"), default="1,4,16,64,256",
+    p.add_argument("--m", type=csv_list(positive_int, "row counts"), default="1,4,16,64,256",
                    help="comma list of row counts M")
-    p.add_argument("--bits", type=_csv(_bits, "bit widths"), default="2,3,4,8", help="comma list of bit widths")
+    p.add_argument("--bits", type=csv_list(bit_width, "bit widths"), default="2,3,4,8", help="comma list of bit widths")
     p.add_argument("--group", type=int, default=32, help="quantization group size")
-    p.add_argument("--dtype", type=_csv(_dtype_name, "dtypes"), default="bf16,fp32",
+    p.add_argument("--dtype", type=csv_list(dtype_name, "dtypes"), default="bf16,fp32",
                    help=f"activation dtypes for the kernels ({', '.join(DTYPES)})")
     p.add_argument("--kernels", default="", help="comma list of kernel names (default: all CPU ones)")
     p.add_argument("--pool-mib", type=float, default=96.0, help="bytes cycled per timing (> L3)")
@@ -83,34 +49,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="skip a dense baseline whose single call is predicted above this (s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = p.parse_args(argv)
-    unknown = sorted(set(s for s in args.kernels.split(",") if s) - set(available_kernels()))
+    unknown = sorted({s for s in args.kernels.split(",") if s} - set(available_kernels()))
     if unknown:
         p.error(f"unknown kernel(s) {', '.join(unknown)}; available: {', '.join(sorted(available_kernels()))}")
     for k, _ in args.shapes:
         if k % args.group:
             p.error(f"--group {args.group} does not divide K={k}")
     return args
-
-
-def _time_pool(fn: Callable[[object], object], pool: Sequence[object], min_time: float) -> float:
-    """Seconds per call, cycling through ``pool``: the 20th percentile of single calls.
-
-    Calls run until ``min_time`` has passed and the whole pool was visited (at
-    least 3 calls). A low percentile, not the mean, because the machine may be
-    shared: a call that was preempted only ever takes longer.
-    """
-    fn(pool[0])
-    times: list[float] = []
-    start, i = time.perf_counter(), 1
-    while True:
-        t0 = time.perf_counter()
-        fn(pool[i % len(pool)])
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        i += 1
-        if t1 - start >= min_time and len(times) >= 3 and (len(times) >= len(pool) or t1 - start >= 4 * min_time):
-            times.sort()
-            return times[len(times) // 5]
 
 
 def streaming_read_gbps(mib: int = 256) -> float:
@@ -127,20 +72,8 @@ def streaming_read_gbps(mib: int = 256) -> float:
     return best
 
 
-def _random_layer(k: int, n: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    levels = torch.randint(0, spec.max_q + 1, (k, n), dtype=torch.int32)
-    groups = k // spec.group_size
-    scales = torch.rand(groups, n) * 0.02 + 1e-3
-    zeros = torch.rand(groups, n) * spec.max_q
-    return pack_int32(levels, spec.bits, dim=0), scales, zeros
-
-
 def _nbytes(weights: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in weights.values())
-
-
-def _pool_size(layer_bytes: int, pool_mib: float) -> int:
-    return max(1, math.ceil(pool_mib * 2**20 / max(layer_bytes, 1)))
 
 
 class _Row:
@@ -154,14 +87,14 @@ def _dense_rows(k: int, n: int, ms: list[int], args: argparse.Namespace) -> dict
     rows: dict[tuple[str, int], _Row] = {}
     for name, dtype in DTYPES.items():
         nbytes = k * n * dtype.itemsize
-        pool = [torch.randn(k, n).to(dtype) for _ in range(_pool_size(nbytes, args.pool_mib))]
+        pool = [torch.randn(k, n).to(dtype) for _ in range(pool_size(nbytes, args.pool_mib))]
         per_row: float | None = None
         for m in ms:
             if per_row is not None and per_row * m > args.max_call:
                 rows[(name, m)] = _Row(f"dense {name}", None, nbytes, f"skipped (~{per_row * m:.0f} s/call)")
                 continue
             x = torch.randn(m, k).to(dtype)
-            sec = _time_pool(lambda w: x @ w, pool, args.min_time)
+            sec = time_pool(lambda w: x @ w, pool, args.min_time)
             per_row = sec / m
             rows[(name, m)] = _Row(f"dense {name}", sec, nbytes)
     return rows
@@ -170,7 +103,7 @@ def _dense_rows(k: int, n: int, ms: list[int], args: argparse.Namespace) -> dict
 def _kernel_rows(k: int, n: int, bits: int, ms: list[int], args: argparse.Namespace) -> list[tuple[int, _Row]]:
     spec = QuantSpec(bits, args.group)
     wanted = [s for s in args.kernels.split(",") if s]
-    base = _random_layer(k, n, spec)
+    base = random_layer(k, n, spec)
     out: list[tuple[int, _Row]] = []
     for name, cls in sorted(available_kernels().items()):
         if (wanted and name not in wanted) or (not wanted and name == "dequant_fallback"):
@@ -183,10 +116,10 @@ def _kernel_rows(k: int, n: int, bits: int, ms: list[int], args: argparse.Namesp
             first = kernel.prepare(*base, spec, dtype, torch.device("cpu"))
             nbytes = _nbytes(first)
             pool = [first] + [{key: t.clone() for key, t in first.items()}
-                              for _ in range(_pool_size(nbytes, args.pool_mib) - 1)]
+                              for _ in range(pool_size(nbytes, args.pool_mib) - 1)]
             for m in ms:
                 x = torch.randn(m, k).to(dtype)
-                sec = _time_pool(lambda w: kernel.forward(x, w, spec), pool, args.min_time)
+                sec = time_pool(lambda w: kernel.forward(x, w, spec), pool, args.min_time)
                 out.append((m, _Row(f"{name} {bits}b {dname}", sec, nbytes)))
     return out
 

@@ -38,6 +38,11 @@ _ext = load_extension()
 _INT8_ACT_ALWAYS = os.environ.get(INT8_ACT_ENV, "") == "1"
 
 
+def extension_available() -> bool:
+    """Whether the C++ extension was built and loaded (nothing here runs without it)."""
+    return _ext is not None
+
+
 def fused_linear(
     x: torch.Tensor,
     qw: torch.Tensor,

@@ -1,0 +1,94 @@
+"""Helpers shared by the kernel benchmarks: validated option parsers, pool timing, random layers."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..quant.packing import pack_int32
+from ..quant.spec import QuantSpec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def csv_list(convert: Callable[[str], object], what: str) -> Callable[[str], list]:
+    """An argparse ``type`` for a comma list: each item through ``convert``, a clear error otherwise."""
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {what}, got {text!r}")
+        try:
+            return [convert(item) for item in items]
+        except (KeyError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"bad {what} in {text!r}: {exc}") from None
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """A positive integer (argparse item)."""
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"{value} is not positive")
+    return value
+
+
+def bit_width(text: str) -> int:
+    """A supported bit width: 2, 3, 4 or 8."""
+    value = int(text)
+    if value not in (2, 3, 4, 8):
+        raise ValueError(f"{value} is not one of 2, 3, 4, 8")
+    return value
+
+
+def kxn_shape(text: str) -> tuple[int, int]:
+    """``KxN`` (in x out features) as two positive integers."""
+    parts = text.lower().split("x")
+    if len(parts) != 2:
+        raise ValueError(f"{text!r} is not KxN")
+    return positive_int(parts[0]), positive_int(parts[1])
+
+
+def dtype_name(text: str) -> str:
+    """A key of ``DTYPES``."""
+    if text not in DTYPES:
+        raise ValueError(f"{text!r} is not one of {', '.join(DTYPES)}")
+    return text
+
+
+def time_pool(fn: Callable[[object], object], pool: Sequence[object], min_time: float) -> float:
+    """Seconds per call, cycling through ``pool``: the 20th percentile of single calls.
+
+    Calls run until ``min_time`` has passed and the whole pool was visited (at
+    least 3 calls). A low percentile, not the mean, because the machine may be
+    shared: a call that was preempted only ever takes longer.
+    """
+    fn(pool[0])
+    times: list[float] = []
+    start, i = time.perf_counter(), 1
+    while True:
+        t0 = time.perf_counter()
+        fn(pool[i % len(pool)])
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        i += 1
+        if t1 - start >= min_time and len(times) >= 3 and (len(times) >= len(pool) or t1 - start >= 4 * min_time):
+            times.sort()
+            return times[len(times) // 5]
+
+
+def random_layer(k: int, n: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random GPTQ-layout layer: packed ``qweight[K*bits/32, N]``, ``scales`` and float ``zeros``."""
+    levels = torch.randint(0, spec.max_q + 1, (k, n), dtype=torch.int32)
+    groups = k // spec.group_size
+    scales = torch.rand(groups, n) * 0.02 + 1e-3
+    zeros = torch.rand(groups, n) * spec.max_q
+    return pack_int32(levels, spec.bits, dim=0), scales, zeros
+
+
+def pool_size(layer_bytes: int, pool_mib: float) -> int:
+    """How many copies of a layer make ``pool_mib`` MiB (at least one)."""
+    return max(1, math.ceil(pool_mib * 2**20 / max(layer_bytes, 1)))
