@@ -47,13 +47,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per entry")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = p.parse_args(argv)
-    if not cpu_fused.extension_available():
-        p.error("the cpu_fused extension is not available on this machine (no compiler?)")
     if args.m != sorted(args.m):
         p.error("--m must be ascending")
     for k, _ in args.shapes:
         if k % args.group:
             p.error(f"--group {args.group} does not divide K={k}")
+    if not cpu_fused.extension_available():
+        p.error("the cpu_fused extension is not available on this machine (no compiler?)")
     return args
 
 
