@@ -11,6 +11,10 @@ Runs the engine core in-process (no HTTP) so the numbers are the engine's own:
    with chunked prefill (budget ``--chunk``) and without (whole prompt in one step).
 
 Usage: python scripts/bench_engine.py [--dtype bf16] [--tokens 64] [--concurrency 1 4 16 32 64]
+
+``--gemm-min-m 12 32 --repeats 2`` instead runs the throughput section once per
+value of cpu_fused's ``GEMM_MIN_M`` for the model dtype, alternating, in one
+process (an A/B of the GEMV/GEMM switch point on the same loaded model).
 """
 
 from __future__ import annotations
@@ -97,6 +101,24 @@ def itl_during_long_prompt(loaded, prompt_tokens: int, chunk: int, decodes: int)
     return rows
 
 
+def gemm_switch_ab(loaded, concurrency: list[int], tokens: int, values: list[int], repeats: int) -> None:
+    """Throughput per value of ``GEMM_MIN_M[model dtype]``, the values alternating ``repeats`` times."""
+    from qalora_runtime.kernels import cpu_fused
+
+    dtype = loaded[0].dtype
+    kept = cpu_fused.GEMM_MIN_M.get(dtype)
+    print("\n| GEMM_MIN_M | " + " | ".join(f"c{c} tok/s" for c in concurrency) + " |")
+    print("|---|" + "---|" * len(concurrency))
+    try:
+        for _ in range(repeats):
+            for value in values:
+                cpu_fused.GEMM_MIN_M[dtype] = value
+                rows = throughput(loaded, concurrency, tokens)
+                print(f"| {value} | " + " | ".join(f"{tps:.1f}" for _, tps, _ in rows) + " |", flush=True)
+    finally:
+        cpu_fused.GEMM_MIN_M[dtype] = kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default=None)
@@ -106,11 +128,19 @@ def main() -> None:
     ap.add_argument("--long-prompt", type=int, default=2000)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "prefix", "chunked"])
+    ap.add_argument("--gemm-min-m", type=int, nargs="+", default=None,
+                    help="A/B the cpu_fused GEMV->GEMM switch M (throughput section only)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternations of the --gemm-min-m values")
     args = ap.parse_args()
+    if args.gemm_min_m and any(v < 1 for v in args.gemm_min_m):
+        ap.error("--gemm-min-m values must be >= 1")
     path = ensure_default_model()
     net, cfg = load_model(path, args.dtype)
     loaded = (net, cfg, load_tokenizer(path), path)
     print(f"model {path.name}, dtype {net.dtype}")
+    if args.gemm_min_m:
+        gemm_switch_ab(loaded, args.concurrency, args.tokens, args.gemm_min_m, args.repeats)
+        return
     if "throughput" not in args.skip:
         rows = throughput(loaded, args.concurrency, args.tokens)
         base = rows[0][1]
