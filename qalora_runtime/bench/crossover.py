@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import torch
 
 from ..kernels import cpu_fused
-from ..kernels.cpu_fused_pack import repack
 from ..quant.spec import QuantSpec
 from .common import (
     DTYPES,
@@ -77,18 +76,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k, n in args.shapes:
         for bits in args.bits:
             spec = QuantSpec(bits, args.group)
-            qw, ss = repack(*random_layer(k, n, spec), spec)
-            layer_bytes = qw.numel() + ss.numel() * 4
-            pool = [(qw, ss)] + [(qw.clone(), ss.clone()) for _ in range(pool_size(layer_bytes, args.pool_mib) - 1)]
+            base = random_layer(k, n, spec)
             for dname in args.dtype:
                 dtype = DTYPES[dname]
+                # The layout the model would get for this dtype (2/3-bit fp32: the plane layout).
+                first = cpu_fused.CpuFusedKernel().prepare(*base, spec, dtype, torch.device("cpu"))
+                layout = cpu_fused.layout_of(first)
+                layer_bytes = first["qw"].numel() + first["ss"].numel() * 4
+                pool = [first] + [{key: t.clone() for key, t in first.items()}
+                                  for _ in range(pool_size(layer_bytes, args.pool_mib) - 1)]
                 gemv_mode = cpu_fused.MODE_Q8 if dtype == torch.bfloat16 else cpu_fused.MODE_F32
                 gemv_s, gemm_s = [], []
                 for m in args.m:
                     x = torch.randn(m, k).to(dtype)
                     for mode, acc in ((gemv_mode, gemv_s), (cpu_fused.MODE_GEMM, gemm_s)):
                         acc.append(time_pool(
-                            lambda w, x=x, spec=spec, n=n, mode=mode: cpu_fused.fused_linear(x, w[0], w[1], spec, n, mode=mode),
+                            lambda w, x=x, spec=spec, n=n, mode=mode, layout=layout: cpu_fused.fused_linear(
+                                x, w["qw"], w["ss"], spec, n, mode=mode, layout=layout),
                             pool, args.min_time))
                 found = crossover_m(gemv_s, gemm_s, args.m)
                 out.write(f"\nK={k} N={n} {bits}-bit {dname}: crossover M = {found if found else 'none'} "

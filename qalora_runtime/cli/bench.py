@@ -1,17 +1,17 @@
-"""`qalora bench kernels|crossover [options]`: kernel speed table and GEMV/GEMM crossover (qalora_runtime/bench/)."""
+"""`qalora bench kernels|crossover|bitwidths [options]`: kernel benchmarks (qalora_runtime/bench/)."""
 
 from __future__ import annotations
 
 import argparse
 
-BENCHES = ("kernels", "crossover")
+BENCHES = ("kernels", "crossover", "bitwidths")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the `bench` subcommand; everything after the bench name goes to that bench."""
     p = subparsers.add_parser(
         "bench",
-        help="benchmarks: `qalora bench kernels --help`, `qalora bench crossover --help`",
+        help="benchmarks: `qalora bench kernels|crossover|bitwidths --help`",
         description="Run a benchmark; options after its name are the benchmark's own.",
     )
     p.add_argument("which", choices=BENCHES, help="which benchmark")
@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the benchmark's own ``main``."""
-    from ..bench import crossover, kernels
+    from ..bench import bitwidths, crossover, kernels
 
-    bench = {"kernels": kernels, "crossover": crossover}[args.which]
+    bench = {"kernels": kernels, "crossover": crossover, "bitwidths": bitwidths}[args.which]
     return int(bench.main(args.bench_args) or 0)

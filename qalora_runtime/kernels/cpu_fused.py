@@ -7,7 +7,10 @@ Three strategies, chosen per call from the number of rows ``M``:
   for the float zero (llama.cpp's approach). Error ~1e-3 relative, comparable to
   bf16 rounding of the activations themselves.
 * ``f32`` (decode, fp32 activations): the same decode converted to fp32 and
-  multiplied exactly; error ~1e-6 relative.
+  multiplied exactly; error ~1e-6 relative. 2- and 3-bit layers prepared for fp32
+  activations are stored in the *plane* layout instead, whose exact GEMV looks up
+  3 inputs of one bit plane per instruction, so it gets cheaper with fewer bits
+  (see ``csrc/qalora_plane_avx2.cpp``).
 * ``gemm`` (prefill): dequantize an L2-sized tile to fp32 and run a register-blocked
   FMA kernel over all rows; exact like ``f32``.
 
@@ -23,10 +26,13 @@ import torch
 
 from ..quant.spec import QuantSpec
 from .cpu_fused_build import load_extension
-from .cpu_fused_pack import repack
+from .cpu_fused_pack import repack, repack_planes
 from .registry import LinearKernel, register_kernel
 
 MODE_Q8, MODE_F32, MODE_GEMM = 0, 1, 2
+LAYOUT_QUAD, LAYOUT_PLANE = 0, 1
+#: Key whose presence in a prepared layer's weights marks the plane layout.
+PLANE_MARK = "plane_layout"
 INT8_ACT_ENV = "QALORA_CPU_INT8_ACT"
 
 #: Smallest M that takes the tiled GEMM path, per activation dtype (measured with
@@ -51,13 +57,24 @@ def fused_linear(
     out_features: int,
     mode: int | None = None,
     allow_simd: bool = True,
+    layout: int = LAYOUT_QUAD,
 ) -> torch.Tensor:
     """``x[M, K]`` (fp32/bf16) -> ``y[M, N]`` in x's dtype; ``mode`` None picks by M and dtype."""
     if _ext is None:
         raise RuntimeError("qalora cpu_fused extension is not available")
     if mode is None:
         mode = choose_mode(x.shape[0], x.dtype)
-    return _ext.linear(x, qw, ss, spec.bits, spec.group_size, out_features, mode, allow_simd)
+    return _ext.linear(x, qw, ss, spec.bits, spec.group_size, out_features, mode, allow_simd, layout)
+
+
+def uses_plane_layout(spec: QuantSpec, dtype: torch.dtype) -> bool:
+    """2/3-bit layers for fp32 activations take the plane layout (faster exact GEMV), unless int8 activations are forced."""
+    return dtype == torch.float32 and spec.bits in (2, 3) and not _INT8_ACT_ALWAYS
+
+
+def layout_of(weights: dict[str, torch.Tensor]) -> int:
+    """The packed layout of a prepared layer."""
+    return LAYOUT_PLANE if PLANE_MARK in weights else LAYOUT_QUAD
 
 
 def choose_mode(m: int, dtype: torch.dtype) -> int:
@@ -108,9 +125,13 @@ class CpuFusedKernel(LinearKernel):
         dtype: torch.dtype,
         device: torch.device,
     ) -> dict[str, torch.Tensor]:
-        qw, ss = repack(qweight, scales, zeros, spec)
+        plane = uses_plane_layout(spec, dtype)
+        qw, ss = (repack_planes if plane else repack)(qweight, scales, zeros, spec)
         # A zero-byte tensor whose shape carries N (the packed tensors are padded to N/4 quads).
-        return {"qw": qw, "ss": ss, "out_features": torch.empty(qweight.shape[1], 0, dtype=torch.uint8)}
+        weights = {"qw": qw, "ss": ss, "out_features": torch.empty(qweight.shape[1], 0, dtype=torch.uint8)}
+        if plane:  # a zero-byte marker: read per call by a dict lookup, not a tensor read
+            weights[PLANE_MARK] = torch.empty(0, dtype=torch.uint8)
+        return weights
 
     def forward(
         self, x: torch.Tensor, weights: dict[str, torch.Tensor], spec: QuantSpec
@@ -118,9 +139,10 @@ class CpuFusedKernel(LinearKernel):
         n = weights["out_features"].shape[0]
         if x.dim() == 2:  # the model's case: call straight through (runs ~120 times per token)
             return _ext.linear(x, weights["qw"], weights["ss"], spec.bits, spec.group_size, n,
-                               choose_mode(x.shape[0], x.dtype), True)
+                               choose_mode(x.shape[0], x.dtype), True, layout_of(weights))
         lead = x.shape[:-1]
-        y = fused_linear(x.reshape(-1, x.shape[-1]), weights["qw"], weights["ss"], spec, n)
+        y = fused_linear(x.reshape(-1, x.shape[-1]), weights["qw"], weights["ss"], spec, n,
+                         layout=layout_of(weights))
         return y.reshape(*lead, n)
 
     supports_columns = True
@@ -129,14 +151,15 @@ class CpuFusedKernel(LinearKernel):
                 in_features: int, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(ids.shape[0], in_features, dtype=dtype)
         _ext.packed_embedding(ids.contiguous(), weights["qw"], weights["ss"], spec.bits, spec.group_size,
-                              weights["out_features"].shape[0], out)
+                              weights["out_features"].shape[0], out, layout_of(weights))
         return out
 
     @staticmethod
     def native_weights(weights: dict[str, torch.Tensor], spec: QuantSpec, bias: torch.Tensor | None):
         """This layer's tensors bundled for the C++ ``FusedDecoder`` (which calls the kernel directly)."""
         n = weights["out_features"].shape[0]
-        return _ext.packed_linear_weights(weights["qw"], weights["ss"], bias, spec.bits, spec.group_size, n)
+        return _ext.packed_linear_weights(weights["qw"], weights["ss"], bias, spec.bits, spec.group_size, n,
+                                          layout_of(weights))
 
 
 if _ext is not None:

@@ -6,6 +6,11 @@ inputs holds 4 columns x ``4*bits`` bytes of levels, so a thread streams one
 contiguous buffer (3-bit: one 48-byte quad-block whose bytes mix the columns);
 scales and ``s*(z - off)`` are fp32 ``[N/4, K/G, 2, 4]``.
 Everything stays packed: ``bits/8`` bytes per weight plus 8 bytes per group and column.
+
+``repack_planes`` builds the plane layout instead (2/3-bit layers that run with fp32
+activations): per 8 columns and block of 32 inputs, ``bits`` planes of 8 uint32, bit
+``r`` of column ``c``'s dword in plane ``j`` being bit ``j`` of the level of input
+``r``; scales and ``s*z`` are fp32 ``[N/8, K/G, 2, 8]``.
 """
 
 from __future__ import annotations
@@ -50,27 +55,58 @@ def _pack_blocks(blocks: torch.Tensor, bits: int) -> torch.Tensor:
     return out.to(torch.uint8).flatten(-2)  # the 4 columns' blocks one after another
 
 
-def repack(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ ``qweight[K*bits/32, N]``, ``scales``/``zeros[K/G, N]`` -> (``qw`` uint8, ``ss`` fp32)."""
+def _padded_columns(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Levels ``[K, Np]`` and float64 scales/zeros ``[K/G, Np]``, N zero-padded to ``multiple``."""
     if spec.group_size % 32 != 0:
         raise ValueError(f"cpu_fused needs a group size that is a multiple of 32, got {spec.group_size}")
     levels = unpack_int32(qweight.cpu(), spec.bits, dim=0)  # [K, N]
-    k, n = levels.shape
-    spec.check_in_features(k)
-    groups = k // spec.group_size
-    pad = (-n) % 4
+    spec.check_in_features(levels.shape[0])
+    pad = (-levels.shape[1]) % multiple
     s = scales.detach().cpu().to(torch.float64)
     z = zeros.detach().cpu().to(torch.float64)
     if pad:
         levels = torch.nn.functional.pad(levels, (0, pad))
         s = torch.nn.functional.pad(s, (0, pad))
         z = torch.nn.functional.pad(z, (0, pad))
-    quads = (n + pad) // 4
+    return levels, s, z
+
+
+def repack(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ ``qweight[K*bits/32, N]``, ``scales``/``zeros[K/G, N]`` -> (``qw`` uint8, ``ss`` fp32)."""
+    levels, s, z = _padded_columns(qweight, scales, zeros, spec, 4)
+    k, groups = levels.shape[0], levels.shape[0] // spec.group_size
+    quads = levels.shape[1] // 4
     blocks = levels.t().reshape(quads, 4, k // 32, 32).permute(0, 2, 1, 3)
     qw = _pack_blocks(blocks, spec.bits).contiguous().reshape(-1)
     sz = s * (z - level_offset(spec.bits))
     ss = torch.stack([s, sz], dim=1).to(torch.float32)  # [G, 2, Np]
     ss = ss.reshape(groups, 2, quads, 4).permute(2, 0, 1, 3).contiguous()
+    return qw, ss
+
+
+def repack_planes(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ layer -> plane layout (``qw`` uint8 bytes of the uint32 planes, ``ss`` fp32); 2/3-bit only."""
+    if spec.bits not in (2, 3):
+        raise ValueError(f"the plane layout holds 2- and 3-bit layers, got bits={spec.bits}")
+    levels, s, z = _padded_columns(qweight, scales, zeros, spec, 8)
+    k, n = levels.shape
+    groups, octs = k // spec.group_size, n // 8
+    blocks = levels.t().reshape(octs, 8, k // 32, 32).permute(0, 2, 1, 3)  # [O, KB, 8, 32]
+    bit_values = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64), torch.arange(32))
+    planes = torch.empty(octs, k // 32, spec.bits, 8, dtype=torch.int32)
+    for o in range(0, octs, 256):  # in slices: the int64 temporaries of a 7B layer would be GBs
+        part = blocks[o:o + 256].to(torch.int64)
+        for j in range(spec.bits):
+            # Values up to 2**32 - 1; the int32 cast keeps the bit pattern (two's complement).
+            planes[o:o + 256, :, j] = ((part >> j) & 1).mul(bit_values).sum(-1).to(torch.int32)
+    # [O, KB, bits, 8] as little-endian uint32 (what the C++ reads through a uint32 pointer).
+    qw = planes.view(torch.uint8).reshape(-1)
+    ss = torch.stack([s, s * z], dim=1).to(torch.float32)  # [G, 2, Np]
+    ss = ss.reshape(groups, 2, octs, 8).permute(2, 0, 1, 3).contiguous()
     return qw, ss

@@ -17,25 +17,18 @@ bool cpu_has_avx2() {
          __builtin_cpu_supports("f16c");
 }
 
-// Exact scalar path: per-element dequantize and fp32 accumulate (any CPU).
-void f32_gemv_scalar(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1) {
-  const int64_t K = L.K, bpg = L.bpg(), BB = L.bb();
-  for (int64_t nq = q0; nq < q1; ++nq) {
-    const uint8_t* wq = L.quad_q(nq);
-    const float* ss = L.quad_s(nq);
-    for (int c = 0; c < 4 && nq * 4 + c < L.N; ++c) {
-      for (int64_t m = 0; m < M; ++m) {
-        float acc = 0.0f;
-        for (int64_t b = 0; b < L.kb(); ++b) {
-          const float s = ss[(b / bpg) * 8 + c], sz = ss[(b / bpg) * 8 + 4 + c];
-          const uint8_t* qb = wq + b * 4 * BB;
-          for (int i = 0; i < 32; ++i)
-            acc += (s * static_cast<float>(level_at(qb, L.bits, c, i)) - sz) * x[m * K + b * 32 + i];
-        }
-        y[m * L.N + nq * 4 + c] = acc;
+// Exact scalar path: per-element dequantize and fp32 accumulate (any CPU, any layout).
+void f32_gemv_scalar(const LayerView& L, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
+  const int64_t K = L.K;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t g = k / L.group;
+        acc += (L.scale(n, g) * static_cast<float>(L.level(n, k)) - L.scale_zero(n, g)) * x[m * K + k];
       }
+      y[m * L.N + n] = acc;
     }
-  }
 }
 
 }  // namespace qalora
@@ -65,7 +58,7 @@ at::Tensor from_f32(const at::Tensor& y, at::ScalarType dtype) {
 }
 
 at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
-                         int64_t group, int64_t N, int64_t mode, bool allow_simd) {
+                         int64_t group, int64_t N, int64_t mode, bool allow_simd, int64_t layout) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "x must be float32 or bfloat16");
@@ -74,12 +67,14 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
   TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "bad group size for K");
   TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous(), "qw must be contiguous uint8");
   TORCH_CHECK(ss.scalar_type() == at::kFloat && ss.is_contiguous(), "ss must be contiguous float32");
-  const int64_t quads = (N + 3) / 4;
-  TORCH_CHECK(qw.numel() == quads * K * bits / 2, "qw size does not match K, N, bits");
-  TORCH_CHECK(ss.numel() == quads * (K / group) * 8, "ss size does not match K, N, group");
+  TORCH_CHECK(layout == qalora::kQuadLayout || (layout == qalora::kPlaneLayout && (bits == 2 || bits == 3)),
+              "layout must be 0 (quad) or 1 (plane, 2/3-bit only)");
+  const qalora::LayerView L{qw.data_ptr<uint8_t>(), ss.data_ptr<float>(), K, N, bits, group, layout};
+  TORCH_CHECK(qw.numel() == L.qw_bytes(), "qw size does not match K, N, bits and layout");
+  TORCH_CHECK(ss.numel() == L.ss_floats(), "ss size does not match K, N, group and layout");
+  const int64_t quads = L.quads();
 
   const at::Tensor xf = to_f32(x);
-  const qalora::LayerView L{qw.data_ptr<uint8_t>(), ss.data_ptr<float>(), K, N, bits, group};
   const bool simd = allow_simd && qalora::cpu_has_avx2();
   at::Tensor y = (simd && mode == kGemm) ? at::zeros({M, N}, xf.options()) : at::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
@@ -87,7 +82,13 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
   const int64_t G = K / group;
 
   if (!simd) {
-    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::f32_gemv_scalar(L, xp, M, yp, b, e); });
+    at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) { qalora::f32_gemv_scalar(L, xp, M, yp, b, e); });
+  } else if (layout == qalora::kPlaneLayout && mode != kGemm) {
+    // The plane layout has only the exact GEMV (a q8 request gets it too).
+    at::Tensor prep = at::empty({qalora::plane_prep_floats(L, M)}, xf.options());
+    float* pp = prep.data_ptr<float>();
+    qalora::plane_prepare_avx2(L, xp, M, pp);
+    at::parallel_for(0, L.octs(), 4, [&](int64_t b, int64_t e) { qalora::plane_gemv_avx2(L, pp, M, yp, b, e); });
   } else if (mode == kQ8) {
     at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
     at::Tensor dx = at::empty({M, K / 32}, xf.options());
@@ -119,8 +120,8 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
 namespace qalora {
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
-                         int64_t group, int64_t N, int64_t mode) {
-  return qalora_linear(x, qw, ss, bits, group, N, mode, true);
+                         int64_t group, int64_t N, int64_t mode, int64_t layout) {
+  return qalora_linear(x, qw, ss, bits, group, N, mode, true, layout);
 }
 
 }  // namespace qalora
@@ -131,9 +132,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // event loop keeps streaming and accepting requests while the engine thread
   // computes a step. The few-microsecond ops keep it: a release costs about as much.
   using release_gil = py::call_guard<py::gil_scoped_release>;
-  m.def("linear", &qalora_linear, "y = x @ W for a quad-interleaved packed layer",
+  m.def("linear", &qalora_linear, "y = x @ W for a packed layer (layout 0: quad, 1: plane)",
         py::arg("x"), py::arg("qw"), py::arg("ss"), py::arg("bits"), py::arg("group"), py::arg("N"),
-        py::arg("mode"), py::arg("allow_simd") = true, release_gil());
+        py::arg("mode"), py::arg("allow_simd") = true, py::arg("layout") = 0, release_gil());
   m.def("rms_norm", &qalora::rms_norm, "(residual += x) then RMSNorm, one pass", py::arg("x"),
         py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("silu_mul", &qalora::silu_mul, "silu(gate) * up of a fused gate_up projection", py::arg("gate_up"));
@@ -144,7 +145,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), release_gil());
   m.def("packed_embedding", &qalora::packed_embedding, "embedding lookup from a packed [hidden -> vocab] layer",
         py::arg("ids"), py::arg("qw"), py::arg("ss"), py::arg("bits"), py::arg("group"), py::arg("N"),
-        py::arg("out"));
+        py::arg("out"), py::arg("layout") = 0);
   qalora::register_fused_decoder(m);
   m.def("has_avx2", &qalora::cpu_has_avx2, "whether the AVX2/FMA paths can run on this CPU");
 }

@@ -21,10 +21,10 @@ namespace {
 struct LinearW {
   at::Tensor qw, ss;
   c10::optional<at::Tensor> bias;
-  int64_t bits, group, N;
+  int64_t bits, group, N, layout;
 
   at::Tensor operator()(const at::Tensor& x, int64_t mode) const {
-    at::Tensor y = packed_linear(x, qw, ss, bits, group, N, mode);
+    at::Tensor y = packed_linear(x, qw, ss, bits, group, N, mode, layout);
     if (bias.has_value()) y.add_(*bias);
     return y;
   }
@@ -38,11 +38,11 @@ struct LayerW {
 };
 
 LinearW make_linear(const at::Tensor& qw, const at::Tensor& ss, const c10::optional<at::Tensor>& bias,
-                    int64_t bits, int64_t group, int64_t N) {
+                    int64_t bits, int64_t group, int64_t N, int64_t layout) {
   TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous(), "qw must be contiguous uint8");
   TORCH_CHECK(ss.scalar_type() == at::kFloat && ss.is_contiguous(), "ss must be contiguous float32");
   if (bias.has_value()) TORCH_CHECK(bias->dim() == 1 && bias->numel() == N, "bias must be [N]");
-  return LinearW{qw, ss, bias, bits, group, N};
+  return LinearW{qw, ss, bias, bits, group, N, layout};
 }
 
 class FusedDecoder {
@@ -124,7 +124,7 @@ void register_fused_decoder(pybind11::module_& m) {
   namespace py = pybind11;
   py::class_<LinearW>(m, "PackedLinearWeights", "A packed layer's tensors for FusedDecoder");
   m.def("packed_linear_weights", &make_linear, "bundle a packed layer for FusedDecoder", py::arg("qw"),
-        py::arg("ss"), py::arg("bias"), py::arg("bits"), py::arg("group"), py::arg("N"));
+        py::arg("ss"), py::arg("bias"), py::arg("bits"), py::arg("group"), py::arg("N"), py::arg("layout") = 0);
   py::class_<FusedDecoder>(m, "FusedDecoder", "all decoder layers of a decode step in one call")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, at::Tensor>(),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),

@@ -1,5 +1,5 @@
 // AVX2 prefill (large M) kernel: dequantize an L2-sized tile of the packed layer
-// to fp32 once, then run a 3-row x 4-column register-blocked dot-product kernel
+// (either layout) to fp32 once, then run a 3-row x 4-column register-blocked dot-product kernel
 // over it for every row block of x. The dequantization (a few ops per weight) is
 // amortized over M rows, so for large M this runs at fp32 FMA speed while the
 // whole layer is never materialized (one tile per thread at a time).
@@ -29,6 +29,46 @@ void dequant_tile(const LayerView& L, int64_t qt, int64_t nquads, int64_t k0, in
         const __m256 sz = _mm256_broadcast_ss(sg + 4 + c);
         float* dst = buf + (qi * 4 + c) * kGemmKC + (b * 32 - k0);
         for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + 8 * i, _mm256_fmsub_ps(wf[i], s, sz));
+      }
+    }
+  }
+}
+
+// Bit i of a byte as int32 lane i: expands 8 inputs of one bit plane (8 KB table).
+struct ByteBits {
+  alignas(32) int32_t v[256][8];
+  constexpr ByteBits() : v() {
+    for (int b = 0; b < 256; ++b)
+      for (int i = 0; i < 8; ++i) v[b][i] = (b >> i) & 1;
+  }
+};
+constexpr ByteBits kByteBits{};
+
+// The same tile from the plane layout (2/3-bit, fp32 activations): quad q is the
+// half q % 2 of oct q / 2; a column's level is rebuilt 8 inputs at a time from
+// one byte of each bit plane.
+template <int BITS>
+void dequant_tile_plane(const LayerView& L, int64_t qt, int64_t nquads, int64_t k0, int64_t kc, float* buf) {
+  const int64_t bpg = L.bpg();
+  for (int64_t qi = 0; qi < nquads; ++qi) {
+    const int64_t q = qt + qi, half = q % 2;
+    const uint32_t* po = L.oct_planes(q / 2);
+    const float* so = L.oct_s(q / 2);
+    for (int64_t b = k0 / 32; b < (k0 + kc) / 32; ++b) {
+      const float* sg = so + (b / bpg) * 16;
+      for (int c = 0; c < 4; ++c) {
+        const int64_t cc = half * 4 + c;
+        const __m256 s = _mm256_broadcast_ss(sg + cc), sz = _mm256_broadcast_ss(sg + 8 + cc);
+        float* dst = buf + (qi * 4 + c) * kGemmKC + (b * 32 - k0);
+        for (int i = 0; i < 4; ++i) {
+          __m256i v = _mm256_setzero_si256();
+          for (int j = 0; j < BITS; ++j) {
+            const uint32_t byte = (po[(b * BITS + j) * 8 + cc] >> (8 * i)) & 0xFFu;
+            const __m256i bitv = _mm256_load_si256(reinterpret_cast<const __m256i*>(kByteBits.v[byte]));
+            v = _mm256_or_si256(v, _mm256_slli_epi32(bitv, j));
+          }
+          _mm256_storeu_ps(dst + 8 * i, _mm256_fmsub_ps(_mm256_cvtepi32_ps(v), s, sz));
+        }
       }
     }
   }
@@ -68,7 +108,12 @@ void gemm_range(const LayerView& L, const float* x, int64_t M, float* y, int64_t
     const int64_t nquads = q1 - qt < kGemmQuads ? q1 - qt : kGemmQuads;
     for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
       const int64_t kc = K - k0 < kGemmKC ? K - k0 : kGemmKC;
-      dequant_tile<BITS>(L, qt, nquads, k0, kc, buf);
+      if constexpr (BITS == 2 || BITS == 3) {
+        if (L.layout == kPlaneLayout) dequant_tile_plane<BITS>(L, qt, nquads, k0, kc, buf);
+        else dequant_tile<BITS>(L, qt, nquads, k0, kc, buf);
+      } else {
+        dequant_tile<BITS>(L, qt, nquads, k0, kc, buf);
+      }
       int64_t m = 0;
       for (; m + 3 <= M; m += 3) {
         for (int64_t qi = 0; qi < nquads; ++qi) {

@@ -17,26 +17,51 @@
 //       off = 128 for 8-bit, else 0, so that  y = sum_g s*(sum q'x) - sz*sum x
 //       with q' the stored (possibly signed) level.
 // N is padded to a multiple of 4 with zero columns; outputs beyond N are dropped.
+//
+// Plane layout (2/3-bit layers with fp32 activations, the exact path only):
+//   qw: uint32 [N/8, K/32, bits, 8]: dword c of plane j holds bit j of the levels of
+//       column c for the block's 32 inputs (bit r = input r). A GEMV looks up 2
+//       inputs of one plane for 8 columns with one vpermilps (qalora_plane_avx2.cpp).
+//   ss: float [N/8, K/G, 2, 8] (s, s * z), N padded to a multiple of 8.
 #pragma once
 #include <cstdint>
 
 namespace qalora {
+
+enum Layout : int64_t { kQuadLayout = 0, kPlaneLayout = 1 };
 
 struct LayerView {
   const uint8_t* qw;
   const float* ss;
   int64_t K;      // input features (multiple of 32 and of group)
   int64_t N;      // real output features (output row stride)
-  int64_t bits;   // 2, 3, 4, 8
+  int64_t bits;   // 2, 3, 4, 8 (plane layout: 2, 3)
   int64_t group;  // multiple of 32
+  int64_t layout = kQuadLayout;
 
   int64_t kb() const { return K / 32; }
   int64_t groups() const { return K / group; }
   int64_t bpg() const { return group / 32; }
   int64_t bb() const { return 4 * bits; }
   int64_t quads() const { return (N + 3) / 4; }
+  int64_t octs() const { return (N + 7) / 8; }
   const uint8_t* quad_q(int64_t nq) const { return qw + nq * kb() * 4 * bb(); }
   const float* quad_s(int64_t nq) const { return ss + nq * groups() * 8; }
+  const uint32_t* oct_planes(int64_t no) const {
+    return reinterpret_cast<const uint32_t*>(qw) + no * kb() * bits * 8;
+  }
+  const float* oct_s(int64_t no) const { return ss + no * groups() * 16; }
+  // Sizes the packed tensors must have (checked at the torch boundary).
+  int64_t qw_bytes() const { return layout == kPlaneLayout ? octs() * K * bits : quads() * K * bits / 2; }
+  int64_t ss_floats() const { return layout == kPlaneLayout ? octs() * groups() * 16 : quads() * groups() * 8; }
+  // Layout-independent scalar access (fallback and embedding paths, not hot loops).
+  inline int level(int64_t n, int64_t k) const;
+  float scale(int64_t n, int64_t g) const {
+    return layout == kPlaneLayout ? oct_s(n / 8)[g * 16 + n % 8] : quad_s(n / 4)[g * 8 + n % 4];
+  }
+  float scale_zero(int64_t n, int64_t g) const {
+    return layout == kPlaneLayout ? oct_s(n / 8)[g * 16 + 8 + n % 8] : quad_s(n / 4)[g * 8 + 4 + n % 4];
+  }
 };
 
 // Activations quantized to int8 per 32-block (llama.cpp Q8_0 style) for the q8 path.
@@ -68,6 +93,16 @@ inline int level_at(const uint8_t* qb, int64_t bits, int c, int i) {
   }
 }
 
+inline int LayerView::level(int64_t n, int64_t k) const {
+  if (layout == kPlaneLayout) {
+    const uint32_t* p = oct_planes(n / 8) + (k / 32) * bits * 8 + n % 8;
+    int q = 0;
+    for (int64_t j = 0; j < bits; ++j) q |= static_cast<int>((p[j * 8] >> (k % 32)) & 1u) << j;
+    return q;
+  }
+  return level_at(quad_q(n / 4) + (k / 32) * 4 * bb(), bits, static_cast<int>(n % 4), static_cast<int>(k % 32));
+}
+
 // ISA-specific entry points; each covers quads [q0, q1) and writes y[M, N].
 void q8_gemv_avx2(const LayerView& L, const QuantAct& A, int64_t M, float* y, int64_t q0, int64_t q1);
 // f32 path: y = sum_g s * sum(q'x) - s(z-off) * xs, xs the per-group sums of x.
@@ -89,6 +124,18 @@ void f32_gemm_avx2(const LayerView& L, const float* x, int64_t M, float* y, int6
 void quantize_act_avx2(const float* x, int64_t K, int64_t group, int8_t* xq, float* dx, float* xs);
 bool cpu_has_avx2();
 
-void f32_gemv_scalar(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1);
+// Exact scalar path for any layout and CPU: output columns [n0, n1).
+void f32_gemv_scalar(const LayerView& L, const float* x, int64_t M, float* y, int64_t n0, int64_t n1);
+
+// Plane layout GEMV (exact fp32): plane_prepare_avx2 fills `prep` (plane_prep_floats
+// floats) once per call with each row's 4-entry tables [0, a, b, a+b] of every
+// pair of inputs (16 per 32-block) and its per-group sums of x; the GEMV covers
+// octs [o0, o1).
+constexpr int64_t kPlaneTables = 16;
+inline int64_t plane_prep_floats(const LayerView& L, int64_t M) {
+  return M * (L.kb() * kPlaneTables * 4 + L.groups());
+}
+void plane_prepare_avx2(const LayerView& L, const float* x, int64_t M, float* prep);
+void plane_gemv_avx2(const LayerView& L, const float* prep, int64_t M, float* y, int64_t o0, int64_t o1);
 
 }  // namespace qalora

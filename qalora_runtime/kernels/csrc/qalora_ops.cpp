@@ -363,33 +363,30 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const 
 }
 
 void packed_embedding(const at::Tensor& ids, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
-                      int64_t group, int64_t N, at::Tensor& out) {
+                      int64_t group, int64_t N, at::Tensor& out, int64_t layout) {
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 1, "ids must be int64 [T]");
   check_float(out, "out");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == ids.numel(), "out must be [T, K]");
-  const int64_t K = out.size(1), quads = (N + 3) / 4;
-  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous() && qw.numel() == quads * K * bits / 2,
+  TORCH_CHECK(layout == kQuadLayout || (layout == kPlaneLayout && (bits == 2 || bits == 3)), "bad layout");
+  const int64_t K = out.size(1);
+  TORCH_CHECK(group > 0 && K % group == 0 && K % 32 == 0, "group does not divide K");
+  const LayerView L{qw.data_ptr<uint8_t>(), ss.data_ptr<float>(), K, N, bits, group, layout};
+  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous() && qw.numel() == L.qw_bytes(),
               "qw does not match K, N, bits");
-  TORCH_CHECK(ss.scalar_type() == at::kFloat && ss.is_contiguous() && group > 0 && K % group == 0 &&
-                  ss.numel() == quads * (K / group) * 8, "ss does not match K, N, group");
-  const LayerView L{qw.data_ptr<uint8_t>(), ss.data_ptr<float>(), K, N, bits, group};
+  TORCH_CHECK(ss.scalar_type() == at::kFloat && ss.is_contiguous() && ss.numel() == L.ss_floats(),
+              "ss does not match K, N, group");
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < ids.numel(); ++t)
     TORCH_CHECK(id[t] >= 0 && id[t] < N, "token id ", id[t], " outside the vocabulary of ", N);
   dispatch_float(out.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* o = out.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < ids.numel(); ++t) {
-      const int64_t nq = id[t] / 4, c = id[t] % 4;
-      const uint8_t* wq = L.quad_q(nq);
-      const float* sg = L.quad_s(nq);
+    for (int64_t t = 0; t < ids.numel(); ++t)
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t b = k / 32, g = k / group;
-        const int level = level_at(wq + b * 4 * L.bb(), bits, static_cast<int>(c), static_cast<int>(k % 32));
+        const int64_t g = k / group;
         // Same formula as the GEMV paths: s * stored level - s * (z - offset).
-        store_f(o + t * K, k, sg[g * 8 + c] * static_cast<float>(level) - sg[g * 8 + 4 + c]);
+        store_f(o + t * K, k, L.scale(id[t], g) * static_cast<float>(L.level(id[t], k)) - L.scale_zero(id[t], g));
       }
-    }
   });
 }
 

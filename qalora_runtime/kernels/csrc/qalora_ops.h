@@ -20,15 +20,16 @@ void rope_(at::Tensor& x, int64_t heads, int64_t head_dim, const at::Tensor& cos
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, int64_t window, double scale);
 
-// y[M, N] = x[M, K] @ W for a layer in the packed layout of qalora_layout.h;
-// mode 0 = int8-activation GEMV, 1 = exact fp32 GEMV, 2 = tiled GEMM.
+// y[M, N] = x[M, K] @ W for a layer in a packed layout of qalora_layout.h
+// (layout 0 = quad, 1 = plane); mode 0 = int8-activation GEMV, 1 = exact fp32
+// GEMV, 2 = tiled GEMM.
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
-                         int64_t group, int64_t N, int64_t mode);
+                         int64_t group, int64_t N, int64_t mode, int64_t layout);
 
 // out[t, :] = column ids[t] of a packed layer W[K, N] (an embedding stored as a
 // linear layer hidden -> vocab, e.g. a tied lm_head); out is [T, K] fp32 or bf16.
 void packed_embedding(const at::Tensor& ids, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
-                      int64_t group, int64_t N, at::Tensor& out);
+                      int64_t group, int64_t N, at::Tensor& out, int64_t layout);
 
 bool cpu_has_avx2();
 
