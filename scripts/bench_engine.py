@@ -106,17 +106,18 @@ def gemm_switch_ab(loaded, concurrency: list[int], tokens: int, values: list[int
     from qalora_runtime.kernels import cpu_fused
 
     dtype = loaded[0].dtype
-    kept = cpu_fused.GEMM_MIN_M.get(dtype)
+    key = (dtype, cpu_fused.LAYOUT_QUAD)  # the default model is 4/8-bit: quad layout
+    kept = cpu_fused.GEMM_MIN_M.get(key)
     print("\n| GEMM_MIN_M | " + " | ".join(f"c{c} tok/s" for c in concurrency) + " |")
     print("|---|" + "---|" * len(concurrency))
     try:
         for _ in range(repeats):
             for value in values:
-                cpu_fused.GEMM_MIN_M[dtype] = value
+                cpu_fused.GEMM_MIN_M[key] = value
                 rows = throughput(loaded, concurrency, tokens)
                 print(f"| {value} | " + " | ".join(f"{tps:.1f}" for _, tps, _ in rows) + " |", flush=True)
     finally:
-        cpu_fused.GEMM_MIN_M[dtype] = kept
+        cpu_fused.GEMM_MIN_M[key] = kept
 
 
 def main() -> None:

@@ -96,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             pool, args.min_time))
                 found = crossover_m(gemv_s, gemm_s, args.m)
                 out.write(f"\nK={k} N={n} {bits}-bit {dname}: crossover M = {found if found else 'none'} "
-                          f"(dispatcher: GEMM_MIN_M = {cpu_fused.GEMM_MIN_M.get(dtype)})\n")
+                          f"(dispatcher: GEMM_MIN_M = {cpu_fused.GEMM_MIN_M.get((dtype, layout))}, "
+                          f"{'plane' if layout == cpu_fused.LAYOUT_PLANE else 'quad'} layout)\n")
                 out.write(f"  {'M':>4} {'gemv us':>10} {'gemm us':>10}  faster\n")
                 for m, tv, tm in zip(args.m, gemv_s, gemm_s):
                     out.write(f"  {m:>4} {tv * 1e6:10.1f} {tm * 1e6:10.1f}  {'gemm' if tm < tv else 'gemv'}\n")

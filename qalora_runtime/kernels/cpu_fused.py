@@ -33,11 +33,17 @@ MODE_Q8, MODE_F32, MODE_GEMM = 0, 1, 2
 LAYOUT_QUAD, LAYOUT_PLANE = 0, 1
 #: Key whose presence in a prepared layer's weights marks the plane layout.
 PLANE_MARK = "plane_layout"
+#: Smallest M that takes the tiled GEMM path, per (activation dtype, layout)
+#: (measured with ``qalora bench crossover``, see docs/BENCHMARKS.md). The plane
+#: layout's GEMV is cheaper and its GEMM tile dequantization dearer, so it
+#: switches later.
+GEMM_MIN_M = {
+    (torch.float32, LAYOUT_QUAD): 3,
+    (torch.float32, LAYOUT_PLANE): 6,
+    (torch.bfloat16, LAYOUT_QUAD): 12,
+}
 INT8_ACT_ENV = "QALORA_CPU_INT8_ACT"
 
-#: Smallest M that takes the tiled GEMM path, per activation dtype (measured with
-#: ``qalora bench crossover``, see docs/BENCHMARKS.md).
-GEMM_MIN_M = {torch.float32: 3, torch.bfloat16: 12}
 
 _ext = load_extension()
 # Read once: choose_mode runs for every linear call.
@@ -63,7 +69,7 @@ def fused_linear(
     if _ext is None:
         raise RuntimeError("qalora cpu_fused extension is not available")
     if mode is None:
-        mode = choose_mode(x.shape[0], x.dtype)
+        mode = choose_mode(x.shape[0], x.dtype, layout)
     return _ext.linear(x, qw, ss, spec.bits, spec.group_size, out_features, mode, allow_simd, layout)
 
 
@@ -77,9 +83,9 @@ def layout_of(weights: dict[str, torch.Tensor]) -> int:
     return LAYOUT_PLANE if PLANE_MARK in weights else LAYOUT_QUAD
 
 
-def choose_mode(m: int, dtype: torch.dtype) -> int:
-    """Strategy for ``m`` rows of ``dtype`` activations (thresholds measured, see GEMM_MIN_M)."""
-    if m >= GEMM_MIN_M.get(dtype, 8):
+def choose_mode(m: int, dtype: torch.dtype, layout: int = LAYOUT_QUAD) -> int:
+    """Strategy for ``m`` rows of ``dtype`` activations on a ``layout`` layer (thresholds: GEMM_MIN_M)."""
+    if m >= GEMM_MIN_M.get((dtype, layout), 8):
         return MODE_GEMM
     if dtype == torch.bfloat16 or _INT8_ACT_ALWAYS:
         return MODE_Q8
@@ -138,8 +144,9 @@ class CpuFusedKernel(LinearKernel):
     ) -> torch.Tensor:
         n = weights["out_features"].shape[0]
         if x.dim() == 2:  # the model's case: call straight through (runs ~120 times per token)
+            layout = layout_of(weights)
             return _ext.linear(x, weights["qw"], weights["ss"], spec.bits, spec.group_size, n,
-                               choose_mode(x.shape[0], x.dtype), True, layout_of(weights))
+                               choose_mode(x.shape[0], x.dtype, layout), True, layout)
         lead = x.shape[:-1]
         y = fused_linear(x.reshape(-1, x.shape[-1]), weights["qw"], weights["ss"], spec, n,
                          layout=layout_of(weights))

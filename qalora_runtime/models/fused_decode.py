@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..kernels.cpu_fused import CpuFusedKernel, choose_mode
+from ..kernels.cpu_fused import CpuFusedKernel, choose_mode, layout_of
 from ..kernels.cpu_fused_build import load_extension
 from ..quant.linear import PackedLinear
 from .llama import DecoderForCausalLM
@@ -42,6 +42,9 @@ class FusedDecodeStack:
     def __init__(self, native, model: DecoderForCausalLM) -> None:
         self._native = native
         self._model = model
+        # One GEMV/GEMM choice per step for all layers: the MLP input projection's
+        # layout decides it (a mixed-layout stack stays correct, only the choice may not be optimal).
+        self._layout = layout_of(model.model.layers[0].mlp.gate_up_proj.packed_weights)
 
     @classmethod
     def build(cls, model: DecoderForCausalLM, kv_caches: Sequence[torch.Tensor]) -> FusedDecodeStack | None:
@@ -92,4 +95,4 @@ class FusedDecodeStack:
         x = model.model.embed_tokens(input_ids).contiguous()
         rotary = model.rotary
         return self._native.forward(x, positions, slots, block_tables, seq_lens, rotary.cos_table,
-                                    rotary.sin_table, choose_mode(x.shape[0], x.dtype))
+                                    rotary.sin_table, choose_mode(x.shape[0], x.dtype, self._layout))

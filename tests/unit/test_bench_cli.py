@@ -42,7 +42,7 @@ def test_crossover_bench_prints_a_table(capsys):
                            "--pool-mib", "0", "--min-time", "0"]) == 0
     out = capsys.readouterr().out
     assert "K=64 N=32 3-bit fp32: crossover M = " in out
-    assert "(dispatcher: GEMM_MIN_M = 3)" in out
+    assert "(dispatcher: GEMM_MIN_M = 6, plane layout)" in out  # 3-bit + fp32 activations: plane layout
 
 
 def test_crossover_bench_rejects_unsorted_m(capsys):

@@ -141,6 +141,11 @@ def test_choose_mode_thresholds() -> None:
     assert cpu_fused.choose_mode(1, torch.bfloat16) == cpu_fused.MODE_Q8
     assert cpu_fused.choose_mode(256, torch.float32) == cpu_fused.MODE_GEMM
     assert cpu_fused.choose_mode(256, torch.bfloat16) == cpu_fused.MODE_GEMM
+    # The plane layout's GEMV stays faster for longer (qalora bench crossover).
+    plane = cpu_fused.LAYOUT_PLANE
+    assert cpu_fused.choose_mode(4, torch.float32) == cpu_fused.MODE_GEMM
+    assert cpu_fused.choose_mode(4, torch.float32, plane) == cpu_fused.MODE_F32
+    assert cpu_fused.choose_mode(6, torch.float32, plane) == cpu_fused.MODE_GEMM
 
 
 @pytest.mark.parametrize("bits", [4])
