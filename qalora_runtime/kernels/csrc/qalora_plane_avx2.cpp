@@ -47,7 +47,8 @@ void plane_oct(const LayerView& L, int64_t no, const float* prep, int64_t m0, fl
         for (int m = 0; m < MR; ++m)
           tab[m] = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(tabs[m] + (b * kPlaneTables + t) * 4));
         for (int j = 0; j < BITS; ++j) {
-          const __m256i idx = t == 0 ? p[j] : _mm256_srli_epi32(p[j], 2 * t);
+          const __m256i idx = p[j];
+          p[j] = _mm256_srli_epi32(p[j], 2);  // the next pair's bits; one live register per plane
           const int a = (t * BITS + j) % NA;
           for (int m = 0; m < MR; ++m) {
             const __m256 v = _mm256_permutevar_ps(tab[m], idx);
