@@ -2,11 +2,12 @@
 
 On a shared VM, identical runs move by +-20%, more than the differences between
 bit widths on a compute-bound path. This bench therefore calls the 2-, 3- and
-4-bit layers (and, for fp32 activations, the 2/3-bit layers in the quad layout
-the plane layout replaced) round-robin in one loop, so every variant sees the
-same machine state, and reports median and 20th-percentile microseconds per
-call with their ratios to 4-bit. Each variant cycles through its own pool of
-layers larger than L3, as in ``qalora bench kernels``.
+4-bit layers, a dense fp32 ``x @ W`` and, for fp32 activations, the 2/3-bit
+layers in the quad layout the plane layout replaced, round-robin in one loop,
+so every variant sees the same machine state, and reports median and
+20th-percentile microseconds per call with their ratios to 4-bit (for the dense
+row that ratio is the 4-bit kernel's speed-up). Each variant cycles through its
+own pool of layers larger than L3, as in ``qalora bench kernels``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _pool(weights: dict[str, torch.Tensor], pool_mib: float) -> list[dict[str, t
 
 
 def _variants(k: int, n: int, group: int, dtype: torch.dtype, pool_mib: float) -> dict[str, tuple]:
-    """label -> (spec, pool of prepared layers): what the model gets at 2/3/4 bits, plus the quad layout for fp32."""
+    """label -> (spec, pool): the model's layers at 2/3/4 bits, dense fp32, and for fp32 the quad layout."""
     kernel = cpu_fused.CpuFusedKernel()
     out = {}
     for bits in (2, 3, 4):
@@ -70,19 +71,24 @@ def _variants(k: int, n: int, group: int, dtype: torch.dtype, pool_mib: float) -
             qw, ss = repack(*random_layer(k, n, spec), spec)
             quad = {"qw": qw, "ss": ss, "out_features": torch.empty(n, 0, dtype=torch.uint8)}
             out[f"{bits}-bit quad"] = (spec, _pool(quad, pool_mib))
+    out["dense fp32"] = (None, _pool({"w": torch.randn(k, n)}, pool_mib))  # the reference, at any dtype
     return out
 
 
 def interleaved_times(variants: dict[str, tuple], x: torch.Tensor, seconds: float) -> dict[str, list[float]]:
     """Per-call seconds of every variant, called round-robin for ``seconds``."""
     kernel = cpu_fused.CpuFusedKernel()
+    x32 = x.float()
     times: dict[str, list[float]] = {label: [] for label in variants}
     end, i = time.perf_counter() + seconds, 0
     while time.perf_counter() < end or i < 3:
         for label, (spec, pool) in variants.items():
             w = pool[i % len(pool)]
             t0 = time.perf_counter()
-            kernel.forward(x, w, spec)
+            if spec is None:
+                torch.matmul(x32, w["w"])
+            else:
+                kernel.forward(x, w, spec)
             times[label].append(time.perf_counter() - t0)
         i += 1
     return times
