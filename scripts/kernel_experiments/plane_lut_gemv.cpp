@@ -1,5 +1,8 @@
-// Experiment (negative result, kept as evidence): can a bit-plane lookup-table GEMV
-// make the *exact fp32* decode of 2- and 3-bit weights faster than the 4-bit path?
+// Experiment behind the plane layout: can a bit-plane lookup-table GEMV make the
+// *exact fp32* decode of 2- and 3-bit weights faster than the 4-bit path? This
+// is the first variant (8-entry tables over 3 inputs, cross-lane vpermps); the
+// production kernel (qalora_plane_avx2.cpp) uses 4-entry tables over 2 inputs
+// with the in-lane vpermilps, which costs half a vpermps on this CPU.
 //
 // Idea (T-MAC style, fp32 tables): store each bit plane of 8 columns x 32 rows as
 // 8 dwords (bit r of column c's dword = bit j of level q[r, c]); per 3 activation

@@ -8,9 +8,9 @@
 // place (no shifts; the power-of-two offsets are undone by a prepared copy of x),
 // 8-bit ones sign-extended; all are converted to float and multiplied by the
 // fp32 activations, with the zero term as in q8. The cost per weight is the same
-// at every width (one convert and one FMA per 8 weights), so 2/3-bit are not
-// faster than 4-bit on this path: see docs/BENCHMARKS.md and
-// scripts/kernel_experiments/ for the lookup-table alternative that was measured.
+// at every width (one convert and one FMA per 8 weights), so 2/3-bit layers that
+// run with fp32 activations are stored in the plane layout instead, whose GEMV
+// (qalora_plane_avx2.cpp) gets cheaper with fewer bits.
 #pragma GCC target("avx2,fma,f16c")
 #include "qalora_layout.h"
 #include "qalora_unpack_avx2.h"
