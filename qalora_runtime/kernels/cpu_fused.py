@@ -9,8 +9,8 @@ Three strategies, chosen per call from the number of rows ``M``:
 * ``f32`` (decode, fp32 activations): the same decode converted to fp32 and
   multiplied exactly; error ~1e-6 relative. 2- and 3-bit layers prepared for fp32
   activations are stored in the *plane* layout instead, whose exact GEMV looks up
-  3 inputs of one bit plane per instruction, so it gets cheaper with fewer bits
-  (see ``csrc/qalora_plane_avx2.cpp``).
+  a pair of inputs of one bit plane for 8 columns per instruction, so it gets
+  cheaper with fewer bits (see ``csrc/qalora_plane_avx2.cpp``).
 * ``gemm`` (prefill): dequantize an L2-sized tile to fp32 and run a register-blocked
   FMA kernel over all rows; exact like ``f32``.
 
@@ -44,7 +44,6 @@ GEMM_MIN_M = {
 }
 INT8_ACT_ENV = "QALORA_CPU_INT8_ACT"
 
-
 _ext = load_extension()
 # Read once: choose_mode runs for every linear call.
 _INT8_ACT_ALWAYS = os.environ.get(INT8_ACT_ENV, "") == "1"
@@ -74,7 +73,7 @@ def fused_linear(
 
 
 def uses_plane_layout(spec: QuantSpec, dtype: torch.dtype) -> bool:
-    """2/3-bit layers for fp32 activations take the plane layout (faster exact GEMV), unless int8 activations are forced."""
+    """Whether a layer gets the plane layout: 2/3-bit with fp32 activations, int8 activations not forced."""
     return dtype == torch.float32 and spec.bits in (2, 3) and not _INT8_ACT_ALWAYS
 
 
@@ -133,7 +132,7 @@ class CpuFusedKernel(LinearKernel):
     ) -> dict[str, torch.Tensor]:
         plane = uses_plane_layout(spec, dtype)
         qw, ss = (repack_planes if plane else repack)(qweight, scales, zeros, spec)
-        # A zero-byte tensor whose shape carries N (the packed tensors are padded to N/4 quads).
+        # A zero-byte tensor whose shape carries N (the packed tensors are padded to quads or octs).
         weights = {"qw": qw, "ss": ss, "out_features": torch.empty(qweight.shape[1], 0, dtype=torch.uint8)}
         if plane:  # a zero-byte marker: read per call by a dict lookup, not a tensor read
             weights[PLANE_MARK] = torch.empty(0, dtype=torch.uint8)
