@@ -1,8 +1,10 @@
 """JIT build and load of the qalora C++ CPU extension (``csrc/``), compiled once and cached.
 
 The build directory is ``$QALORA_CACHE_DIR/torch_ext/...`` (default ``~/.cache/qalora``),
-keyed by torch version and Python ABI; ``torch.utils.cpp_extension.load`` rebuilds
-only when a source file changes and serializes concurrent builds with a lock file.
+keyed by torch version, Python ABI and a hash of ``csrc/``, so two checkouts with
+different kernel sources (a work tree and a CI clone) never rebuild over each
+other; ``torch.utils.cpp_extension.load`` serializes concurrent builds of one
+directory with a lock file.
 If there is no compiler or the build fails, :func:`load_extension` logs a warning
 and returns ``None`` so callers register nothing and the registry falls back.
 """
@@ -10,6 +12,7 @@ and returns ``None`` so callers register nothing and the registry falls back.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -34,10 +37,20 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "qalora"
 
 
+def sources_digest() -> str:
+    """Short hash of every file in ``csrc/`` (sources and headers)."""
+    h = hashlib.sha256()
+    for f in sorted(CSRC.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def build_dir() -> Path:
-    """Where this torch / Python combination's compiled extension lives."""
+    """Where this torch / Python / source combination's compiled extension lives."""
     tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
-    return cache_dir() / "torch_ext" / f"{EXT_NAME}-{tag}"
+    return cache_dir() / "torch_ext" / f"{EXT_NAME}-{tag}-{sources_digest()}"
 
 
 @functools.cache

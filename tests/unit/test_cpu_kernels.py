@@ -189,3 +189,18 @@ def test_extreme_levels_no_saturation(bits: int, mode: str) -> None:
     y = cpu_fused.fused_linear(x, qw, ss, spec, n, mode=MODES[mode])
     ref = (int8_activations(x) if mode == "q8" else x.to(torch.float64)) @ w
     assert rel_err(y, ref) < 1e-5
+
+
+def test_build_dir_is_keyed_by_the_sources(tmp_path, monkeypatch) -> None:
+    """Two checkouts with different kernel sources must not share (and rebuild over) one build dir."""
+    import shutil
+
+    from qalora_runtime.kernels import cpu_fused_build
+
+    copy = tmp_path / "csrc"
+    shutil.copytree(cpu_fused_build.CSRC, copy)
+    monkeypatch.setattr(cpu_fused_build, "CSRC", copy)
+    before = cpu_fused_build.build_dir()
+    assert before == cpu_fused_build.build_dir()  # deterministic
+    (copy / "qalora_layout.h").write_text((copy / "qalora_layout.h").read_text() + "\n// changed\n")
+    assert cpu_fused_build.build_dir() != before
