@@ -63,4 +63,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
-    prompt_logprobs: list[PositionLogprobs] | None = None
+    #: With ``SamplingParams.prompt_logprobs``: one entry per prompt token (the first is
+    #: None, it has no context), on the request's first output only.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None

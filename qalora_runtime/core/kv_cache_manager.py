@@ -112,14 +112,15 @@ class KVCacheManager:
 
     # -- prefix cache --------------------------------------------------------------
 
-    def get_computed_blocks(self, request: Request) -> ComputedPrefix:
+    def get_computed_blocks(self, request: Request, use_cache: bool = True) -> ComputedPrefix:
         """Longest verified cached prefix of the request's tokens (full blocks only).
 
         Has no side effects: the blocks are claimed by :meth:`allocate_slots`, which
         also records the hit statistics — so a request that waits several steps
-        before it fits is counted once.
+        before it fits is counted once. ``use_cache=False`` finds nothing (a request
+        that must compute every token).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not use_cache:
             return _EMPTY_PREFIX
         bs = self.block_size
         max_blocks = (request.num_tokens - 1) // bs

@@ -226,9 +226,10 @@ class Scheduler:
             if parent is not None and not self._prompt_computed(parent):
                 idx += 1  # a sample of n waits for its parent's prompt KV; others may pass
                 continue
-            prefix: ComputedPrefix = (
-                self.kv.fork(parent, request) if parent is not None else self.kv.get_computed_blocks(request)
-            )
+            if parent is not None:
+                prefix: ComputedPrefix = self.kv.fork(parent, request)
+            else:  # a request collecting prompt logprobs must compute its whole prompt
+                prefix = self.kv.get_computed_blocks(request, use_cache=not _wants_prompt_logits(request))
             num_new = request.num_tokens - prefix.num_tokens
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
@@ -288,6 +289,7 @@ class Scheduler:
             block_table=self.kv.get_block_table(request.request_id),
             slot_mapping=self.kv.slot_mapping(request.request_id, start, end),
             sample=end == request.num_tokens,
+            all_logits=_wants_prompt_logits(request) and start < request.num_prompt_tokens - 1,
             is_new=is_new,
             request=request,
         )
@@ -335,3 +337,14 @@ class Scheduler:
         del self.requests[rid]
         del self._order[rid]
         self._finished_ids.append(rid)
+
+
+def _wants_prompt_logits(request: Request) -> bool:
+    """Whether ``request`` still collects prompt logprobs: asked for, the first sample of
+    its group (the others share its prompt), and no token generated yet (afterwards a
+    recompute after preemption needs no logits)."""
+    return (
+        request.sampling_params.prompt_logprobs is not None
+        and request.parent_request_id is None
+        and request.num_output_tokens == 0
+    )

@@ -27,6 +27,8 @@ class ScheduledRequest:
     (re)built from ``request``.
     ``request`` is a live reference for reading (sampling params, prompt and output
     tokens for penalties); only the scheduler mutates it.
+    ``all_logits`` asks the runner for the logits of every token of this chunk, not
+    only the last (the request wants prompt logprobs and the chunk holds prompt positions).
     """
 
     request_id: str
@@ -37,6 +39,7 @@ class ScheduledRequest:
     sample: bool
     is_new: bool
     request: Request = field(repr=False, compare=False)
+    all_logits: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -22,6 +22,7 @@ from ..request import FinishReason, Request
 from ..sampling_params import SamplingParams
 from ..worker.batch_sampler import SampledToken, SamplingRow, sample
 from .detokenizer import IncrementalDetokenizer
+from .prompt_logprobs import PromptLogprobsCollector
 from .protocol import EngineStats, ModelInfo, StepEvent
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class _Group:
     params: SamplingParams
     metrics: RequestMetrics
     completions: list[_Completion] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobsCollector | None = None  # when params.prompt_logprobs is set
 
     @property
     def finished(self) -> bool:
@@ -121,6 +123,9 @@ class EngineCore:
             params = params.replace(max_tokens=self.model_info.max_model_len - len(prompt_token_ids))
         arrival = time.monotonic() if arrival_time is None else arrival_time
         group = _Group(request_id, list(prompt_token_ids), params, RequestMetrics(arrival_time=arrival))
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = PromptLogprobsCollector(prompt_token_ids, params.prompt_logprobs,
+                                                            self.tokenizer.decode)
         parent_id = None
         for i in range(params.n):
             internal = f"{request_id}#{i}"
@@ -181,7 +186,7 @@ class EngineCore:
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
         to_sample = [s for s in sched.scheduled if s.sample]
-        logits = self.runner.execute(sched.scheduled)
+        logits = self._take_prompt_logits(sched.scheduled, self.runner.execute(sched.scheduled))
         rows = []
         for s in to_sample:
             _, comp = self._by_internal[s.request_id]
@@ -205,6 +210,25 @@ class EngineCore:
         for listener in self.step_listeners:
             listener(event)
         return [self._collect(g, now) for g in touched.values()]
+
+    def _take_prompt_logits(self, scheduled: list, logits: torch.Tensor) -> torch.Tensor:
+        """Feed the prompt-logprob rows of ``all_logits`` items to their collectors; the sampling rows remain."""
+        if not any(s.all_logits for s in scheduled):
+            return logits
+        rows: list[int] = []
+        offset = 0
+        for s in scheduled:
+            if s.all_logits:
+                group, _ = self._by_internal[s.request_id]
+                if group.prompt_logprobs is not None:
+                    group.prompt_logprobs.add_chunk(s.start_position, logits[offset:offset + s.num_tokens])
+                offset += s.num_tokens
+                if s.sample:
+                    rows.append(offset - 1)
+            elif s.sample:
+                rows.append(offset)
+                offset += 1
+        return logits[rows]
 
     def _emit_token(self, group: _Group, comp: _Completion, tok: SampledToken, finished: bool, now: float) -> None:
         m = group.metrics
@@ -255,7 +279,11 @@ class EngineCore:
             self._groups.pop(group.request_id, None)
             for comp in group.completions:
                 self._by_internal.pop(comp.request.request_id, None)
-        return RequestOutput(group.request_id, group.prompt_token_ids, outs, done, group.metrics)
+        prompt_logprobs = None
+        collector = group.prompt_logprobs
+        if collector is not None and collector.complete and not collector.sent:
+            prompt_logprobs, collector.sent = collector.result(), True  # once, with the first output
+        return RequestOutput(group.request_id, group.prompt_token_ids, outs, done, group.metrics, prompt_logprobs)
 
     def _drain_scheduler_finished(self) -> list[RequestOutput]:
         """Requests the scheduler finished without a step (e.g. rejected as unschedulable)."""

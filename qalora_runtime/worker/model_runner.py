@@ -31,7 +31,8 @@ class SequenceInput:
     ``p`` lives in ``block_table[p // block_size]`` at offset ``p % block_size``)
     and must cover ``start_position + len(token_ids)`` positions. ``sample`` asks
     for the logits of the last new token (False for a prefill chunk that does
-    not end the prompt). The field names match ``core.scheduler_output.ScheduledRequest``,
+    not end the prompt); ``all_logits`` for those of every new token (prompt
+    logprobs). The field names match ``core.scheduler_output.ScheduledRequest``,
     which :meth:`ModelRunner.execute` accepts as is.
     """
 
@@ -39,6 +40,7 @@ class SequenceInput:
     start_position: int
     block_table: Sequence[int]
     sample: bool = True
+    all_logits: bool = False
 
 
 class ModelRunner:
@@ -60,7 +62,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, items: Sequence[SequenceInput]) -> torch.Tensor:
-        """Compute one step; returns fp32 logits ``[number of items with sample=True, vocab]`` in item order.
+        """Compute one step; returns fp32 logits in item order: every new token's row for an item with
+        ``all_logits``, else the last token's row for an item with ``sample``, else none.
 
         ``items`` are :class:`SequenceInput` or anything with the same attributes
         (the scheduler's ``ScheduledRequest``).
@@ -95,7 +98,9 @@ class ModelRunner:
             counts.append(n)
             starts.append(start)
             tables.append(table)
-            if item.sample:
+            if getattr(item, "all_logits", False):
+                logit_rows.extend(range(len(ids) - n, len(ids)))
+            elif item.sample:
                 logit_rows.append(len(ids) - 1)
         if max(slots) >= self.kv_cache.num_slots or min(slots) < 0:
             raise ValueError(f"a block id is outside the cache ({self.kv_cache.num_blocks} blocks)")
