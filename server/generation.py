@@ -37,6 +37,8 @@ class ChoiceState:
     num_tokens: int = 0
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    #: The prompt's own logprobs (first entry None) when the request asked for them.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ChoiceDelta:
     token_ids: list[int]
     logprobs: list[PositionLogprobs]
     finish_reason: str | None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # the choice's, once known
 
 
 class RequestGroup:
@@ -149,6 +152,9 @@ class RequestGroup:
 
     def _record(self, p: int, output: RequestOutput) -> list[ChoiceDelta]:
         changed = []
+        if output.prompt_logprobs is not None:  # once per prompt, shared by its n choices
+            for i in range(self._n):
+                self.choices[p * self._n + i].prompt_logprobs = output.prompt_logprobs
         for co in output.outputs:
             state = self.choices[p * self._n + co.index]
             state.text += co.text_delta
@@ -163,6 +169,7 @@ class RequestGroup:
                     token_ids=list(co.token_ids_delta),
                     logprobs=list(co.logprobs_delta),
                     finish_reason=co.finish_reason,
+                    prompt_logprobs=state.prompt_logprobs,
                 )
             )
         if output.finished:

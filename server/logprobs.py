@@ -33,14 +33,27 @@ def chat_logprobs(positions: Sequence[PositionLogprobs], top_k: int) -> ChatLogp
     return ChatLogprobs(content=content)
 
 
-def completion_logprobs(positions: Sequence[PositionLogprobs], top_k: int, text_offset: int) -> CompletionLogprobs:
-    """Legacy-completions logprobs; ``text_offset`` is where the first token starts in the choice text."""
+def completion_logprobs(
+    positions: Sequence[PositionLogprobs | None], top_k: int, text_offset: int, first_token_text: str = ""
+) -> CompletionLogprobs:
+    """Legacy-completions logprobs; ``text_offset`` is where the first token starts in the choice text.
+
+    A None position is an echoed prompt's first token, which has no context: it
+    gets ``first_token_text`` and null logprobs, as in the OpenAI API.
+    """
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     offsets: list[int] = []
     tops: list[dict[str, float] | None] = []
     offset = text_offset
     for pos in positions:
+        if pos is None:
+            tokens.append(first_token_text)
+            token_logprobs.append(None)
+            offsets.append(offset)
+            offset += len(first_token_text)
+            tops.append(None)
+            continue
         s = pos.sampled
         tokens.append(s.text)
         token_logprobs.append(_finite(s.logprob))

@@ -27,6 +27,9 @@ def build_sampling_params(
         "skip_special_tokens": request.skip_special_tokens,
         "include_stop_str_in_output": request.include_stop_str_in_output,
     }
+    if getattr(request, "echo", False) and request.num_logprobs is not None:
+        # Completions with echo + logprobs score the prompt too (lm-eval-harness loglikelihood).
+        kwargs["prompt_logprobs"] = request.num_logprobs
     # Only pass what the client set, so SamplingParams' defaults stay the single source.
     optional = (
         "temperature", "top_p", "top_k", "min_p",

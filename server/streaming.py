@@ -96,10 +96,16 @@ class ChatChunkFormatter:
 
 
 class CompletionChunkFormatter:
-    """``text_completion`` frames; ``echo`` sends each prompt's text first."""
+    """``text_completion`` frames; ``echo`` sends each prompt's text first.
+
+    With ``echo`` and ``logprobs`` the prompt frame carries the prompt's logprobs, so
+    it waits for the engine's first output of that choice (``first_texts``: each
+    prompt's first token, which has a null logprob).
+    """
 
     def __init__(
-        self, request_id: str, model: str, n: int, prompt_texts: list[str] | None, logprobs: int | None
+        self, request_id: str, model: str, n: int, prompt_texts: list[str] | None, logprobs: int | None,
+        first_texts: list[str] | None = None,
     ) -> None:
         self._id = request_id
         self._model = model
@@ -107,6 +113,8 @@ class CompletionChunkFormatter:
         self._n = n
         self._prompt_texts = prompt_texts
         self._logprobs = logprobs
+        self._first_texts = first_texts
+        self._echoed: set[int] = set()  # choices whose prompt frame went out (echo + logprobs)
         self._offsets: dict[int, int] = {}  # text offset of the next token, per choice
 
     def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
@@ -117,7 +125,7 @@ class CompletionChunkFormatter:
         return chunk.model_dump_json(exclude_unset=True)
 
     def opening(self) -> list[str]:
-        if not self._prompt_texts:
+        if not self._prompt_texts or self._first_texts is not None:
             return []
         frames = []
         for p, text in enumerate(self._prompt_texts):
@@ -128,9 +136,20 @@ class CompletionChunkFormatter:
                                                             finish_reason=None)]))
         return frames
 
+    def _prompt_frame(self, d: ChoiceDelta) -> str:
+        """The echoed prompt of ``d``'s choice with its logprobs (echo + logprobs)."""
+        p = d.index // self._n
+        logprobs = completion_logprobs(d.prompt_logprobs or [], self._logprobs or 0, 0, self._first_texts[p])
+        self._echoed.add(d.index)
+        self._offsets[d.index] = sum(len(t) for t in logprobs.tokens)
+        return self._chunk([CompletionChoice(index=d.index, text=self._prompt_texts[p], logprobs=logprobs,
+                                             finish_reason=None)])
+
     def step(self, deltas: Sequence[ChoiceDelta]) -> list[str]:
         frames = []
         for d in deltas:
+            if self._first_texts is not None and d.index not in self._echoed and d.prompt_logprobs is not None:
+                frames.append(self._prompt_frame(d))
             if not d.text and d.finish_reason is None and not d.logprobs:
                 continue
             logprobs = None

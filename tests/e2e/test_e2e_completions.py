@@ -41,6 +41,27 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert lp.text_offset[0] == 0 and all(x <= 0 for x in lp.token_logprobs)
 
 
+def test_completion_echo_logprobs_scores_the_prompt(client: openai.OpenAI, http) -> None:
+    """What lm-eval-harness's loglikelihood sends: echo + logprobs (+ one generated token)."""
+    kwargs = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    r = client.completions.create(**kwargs)
+    n_prompt = http.post("/tokenize", json={"prompt": PROMPT}).json()["count"]
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n_prompt + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first token has no context
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens[:n_prompt]) == PROMPT and r.choices[0].text.startswith(PROMPT)
+    assert lp.text_offset[0] == 0 and lp.text_offset[n_prompt] == len(PROMPT)
+    # "Paris" after "The capital of France is" is far likelier than a token-level coin flip.
+    assert lp.token_logprobs[-1] > -3
+    # The same numbers when streamed: the echoed prompt frame carries the prompt's logprobs.
+    chunks = [c for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert chunks[0].choices[0].text == PROMPT
+    streamed = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and len(streamed) == n_prompt + 1
+    assert all(abs(a - b) < 1e-4 for a, b in zip(streamed[1:], lp.token_logprobs[1:]))
+
+
 def test_completion_async_stream(async_client: openai.AsyncOpenAI) -> None:
     async def run() -> str:
         stream = await async_client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, stream=True)
