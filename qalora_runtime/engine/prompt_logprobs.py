@@ -15,6 +15,10 @@ import torch
 
 from ..outputs import PositionLogprobs, TokenLogprob
 
+#: Rows turned into logprobs at a time: a full-vocabulary log_softmax of a 2,048-token
+#: chunk would hold another 400 MB (SmolLM2's 49,152 entries in fp32).
+_SLICE = 256
+
 
 class PromptLogprobsCollector:
     """Logprobs of prompt tokens ``1 .. n-1``, filled chunk by chunk (token 0 has no context: None)."""
@@ -42,9 +46,12 @@ class PromptLogprobsCollector:
         Positions already filled (a chunk recomputed after preemption) are kept.
         """
         rows = min(logits.shape[0], len(self._prompt) - 1 - start_position)
-        if rows <= 0:
-            return
-        logprobs = torch.log_softmax(logits[:rows].float(), dim=-1)
+        for r0 in range(0, max(rows, 0), _SLICE):  # bounded temporaries for long prompts
+            self._add_rows(start_position + r0, logits[r0:min(rows, r0 + _SLICE)])
+
+    def _add_rows(self, start_position: int, logits: torch.Tensor) -> None:
+        rows = logits.shape[0]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = torch.tensor(self._prompt[start_position + 1:start_position + 1 + rows], dtype=torch.long)
         picked = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
         top_ids: list[list[int]] = [[] for _ in range(rows)]
