@@ -9,8 +9,9 @@ There is no separate prefill phase. Each step spends ``max_num_batched_tokens``:
    are freed and it goes back to the front of the waiting queue to be recomputed
    later (usually cheaply, through the prefix cache).
 2. Then waiting requests in FCFS (or priority) order, each after a prefix-cache
-   lookup; with chunked prefill a prompt takes whatever budget is left, without it a
-   prompt is scheduled whole or waits. The queue head that does not fit blocks the
+   lookup (skipped while a request collects prompt logprobs: its prompt must really
+   be computed, every row's logits returned); with chunked prefill a prompt takes
+   whatever budget is left, without it a prompt is scheduled whole or waits. The queue head that does not fit blocks the
    requests behind it (no overtaking, so nothing starves). No new request is
    admitted in a step that preempted, which would only thrash.
 
