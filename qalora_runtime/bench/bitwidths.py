@@ -25,38 +25,24 @@ from ..kernels.cpu_fused_pack import repack
 from ..quant.spec import QuantSpec
 from .common import (
     DTYPES,
-    csv_list,
-    dtype_name,
-    kxn_shape,
-    pool_size,
+    add_layer_options,
+    check_layer_options,
     positive_int,
     random_layer,
+    weight_pool,
 )
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qalora bench bitwidths", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", type=csv_list(kxn_shape, "KxN shapes"), default="576x1536,1536x576,4096x4096",
-                   help="comma list of KxN (in x out features)")
+    add_layer_options(p, "576x1536,1536x576,4096x4096", "fp32,bf16", 1)
     p.add_argument("--m", type=positive_int, default=1, help="rows of x (decode: 1)")
-    p.add_argument("--group", type=int, default=32, help="quantization group size")
-    p.add_argument("--dtype", type=csv_list(dtype_name, "dtypes"), default="fp32,bf16",
-                   help=f"activation dtypes ({', '.join(DTYPES)})")
     p.add_argument("--seconds", type=float, default=6.0, help="interleaved timing per shape and dtype")
-    p.add_argument("--pool-mib", type=float, default=96.0, help="bytes cycled per variant (> L3)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
     args = p.parse_args(argv)
-    for k, _ in args.shapes:
-        if k % args.group:
-            p.error(f"--group {args.group} does not divide K={k}")
+    check_layer_options(p, args)
     if not cpu_fused.extension_available():
         p.error("the cpu_fused extension is not available on this machine (no compiler?)")
     return args
-
-
-def _pool(weights: dict[str, torch.Tensor], pool_mib: float) -> list[dict[str, torch.Tensor]]:
-    nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-    return [weights] + [{key: t.clone() for key, t in weights.items()} for _ in range(pool_size(nbytes, pool_mib) - 1)]
 
 
 def _variants(k: int, n: int, group: int, dtype: torch.dtype, pool_mib: float) -> dict[str, tuple]:
@@ -65,13 +51,13 @@ def _variants(k: int, n: int, group: int, dtype: torch.dtype, pool_mib: float) -
     out = {}
     for bits in (2, 3, 4):
         spec = QuantSpec(bits, group)
-        out[f"{bits}-bit"] = (spec, _pool(kernel.prepare(*random_layer(k, n, spec), spec, dtype, torch.device("cpu")),
+        out[f"{bits}-bit"] = (spec, weight_pool(kernel.prepare(*random_layer(k, n, spec), spec, dtype, torch.device("cpu")),
                                           pool_mib))
         if cpu_fused.uses_plane_layout(spec, dtype):
             qw, ss = repack(*random_layer(k, n, spec), spec)
             quad = {"qw": qw, "ss": ss, "out_features": torch.empty(n, 0, dtype=torch.uint8)}
-            out[f"{bits}-bit quad"] = (spec, _pool(quad, pool_mib))
-    out["dense fp32"] = (None, _pool({"w": torch.randn(k, n)}, pool_mib))  # the reference, at any dtype
+            out[f"{bits}-bit quad"] = (spec, weight_pool(quad, pool_mib))
+    out["dense fp32"] = (None, weight_pool({"w": torch.randn(k, n)}, pool_mib))  # the reference, at any dtype
     return out
 
 

@@ -92,3 +92,32 @@ def random_layer(k: int, n: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
 def pool_size(layer_bytes: int, pool_mib: float) -> int:
     """How many copies of a layer make ``pool_mib`` MiB (at least one)."""
     return max(1, math.ceil(pool_mib * 2**20 / max(layer_bytes, 1)))
+
+
+def add_layer_options(p: argparse.ArgumentParser, shapes: str, dtypes: str, threads: int) -> None:
+    """The options every kernel bench shares: layer shapes, group size, activation dtypes, pool size, threads."""
+    p.add_argument("--shapes", type=csv_list(kxn_shape, "KxN shapes"), default=shapes,
+                   help="comma list of KxN (in x out features)")
+    p.add_argument("--group", type=int, default=32, help="quantization group size")
+    p.add_argument("--dtype", type=csv_list(dtype_name, "dtypes"), default=dtypes,
+                   help=f"activation dtypes ({', '.join(DTYPES)})")
+    p.add_argument("--pool-mib", type=float, default=96.0, help="bytes cycled per timing (> L3)")
+    p.add_argument("--threads", type=int, default=threads, help="torch threads (0: leave as is)")
+
+
+def check_layer_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a usage error when ``--group`` does not divide some shape's K."""
+    for k, _ in args.shapes:
+        if k % args.group:
+            p.error(f"--group {args.group} does not divide K={k}")
+
+
+def weight_nbytes(weights: dict[str, torch.Tensor]) -> int:
+    """Bytes a prepared layer's tensors occupy (what one call streams)."""
+    return sum(t.numel() * t.element_size() for t in weights.values())
+
+
+def weight_pool(weights: dict[str, torch.Tensor], pool_mib: float) -> list[dict[str, torch.Tensor]]:
+    """``weights`` plus clones, ``pool_mib`` MiB in all: cycling through them defeats the caches."""
+    copies = pool_size(weight_nbytes(weights), pool_mib) - 1
+    return [weights] + [{key: t.clone() for key, t in weights.items()} for _ in range(copies)]

@@ -21,36 +21,28 @@ from ..kernels import cpu_fused
 from ..quant.spec import QuantSpec
 from .common import (
     DTYPES,
+    add_layer_options,
     bit_width,
+    check_layer_options,
     csv_list,
-    dtype_name,
-    kxn_shape,
-    pool_size,
     positive_int,
     random_layer,
     time_pool,
+    weight_pool,
 )
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qalora bench crossover", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", type=csv_list(kxn_shape, "KxN shapes"), default="576x1536,1536x576,4096x4096",
-                   help="comma list of KxN (in x out features)")
+    add_layer_options(p, "576x1536,1536x576,4096x4096", "bf16,fp32", 0)
     p.add_argument("--m", type=csv_list(positive_int, "row counts"), default="1,2,3,4,6,8,12,16,24,32",
                    help="comma list of row counts M, ascending")
     p.add_argument("--bits", type=csv_list(bit_width, "bit widths"), default="4", help="comma list of bit widths")
-    p.add_argument("--group", type=int, default=32, help="quantization group size")
-    p.add_argument("--dtype", type=csv_list(dtype_name, "dtypes"), default="bf16,fp32",
-                   help=f"activation dtypes ({', '.join(DTYPES)})")
-    p.add_argument("--pool-mib", type=float, default=96.0, help="bytes cycled per timing (> L3)")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per entry")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = p.parse_args(argv)
     if args.m != sorted(args.m):
         p.error("--m must be ascending")
-    for k, _ in args.shapes:
-        if k % args.group:
-            p.error(f"--group {args.group} does not divide K={k}")
+    check_layer_options(p, args)
     if not cpu_fused.extension_available():
         p.error("the cpu_fused extension is not available on this machine (no compiler?)")
     return args
@@ -82,9 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The layout the model would get for this dtype (2/3-bit fp32: the plane layout).
                 first = cpu_fused.CpuFusedKernel().prepare(*base, spec, dtype, torch.device("cpu"))
                 layout = cpu_fused.layout_of(first)
-                layer_bytes = first["qw"].numel() + first["ss"].numel() * 4
-                pool = [first] + [{key: t.clone() for key, t in first.items()}
-                                  for _ in range(pool_size(layer_bytes, args.pool_mib) - 1)]
+                pool = weight_pool(first, args.pool_mib)
                 gemv_mode = cpu_fused.MODE_Q8 if dtype == torch.bfloat16 else cpu_fused.MODE_F32
                 gemv_s, gemm_s = [], []
                 for m in args.m:

@@ -21,40 +21,36 @@ from ..kernels.registry import available_kernels
 from ..quant.spec import QuantSpec
 from .common import (
     DTYPES,
+    add_layer_options,
     bit_width,
+    check_layer_options,
     csv_list,
-    dtype_name,
-    kxn_shape,
     pool_size,
     positive_int,
     random_layer,
     time_pool,
+    weight_nbytes,
+    weight_pool,
 )
 
 DEFAULT_SHAPES = "576x576,576x1536,1536x576,4096x4096,4096x11008,11008x4096"
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qalora bench kernels", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", type=csv_list(kxn_shape, "KxN shapes"), default=DEFAULT_SHAPES,
-                   help="comma list of KxN (in x out features)")
+    add_layer_options(p, DEFAULT_SHAPES, "bf16,fp32", 0)
     p.add_argument("--m", type=csv_list(positive_int, "row counts"), default="1,4,16,64,256",
                    help="comma list of row counts M")
     p.add_argument("--bits", type=csv_list(bit_width, "bit widths"), default="2,3,4,8", help="comma list of bit widths")
-    p.add_argument("--group", type=int, default=32, help="quantization group size")
-    p.add_argument("--dtype", type=csv_list(dtype_name, "dtypes"), default="bf16,fp32",
-                   help=f"activation dtypes for the kernels ({', '.join(DTYPES)})")
     p.add_argument("--kernels", default="", help="comma list of kernel names (default: all CPU ones)")
-    p.add_argument("--pool-mib", type=float, default=96.0, help="bytes cycled per timing (> L3)")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per entry")
     p.add_argument("--max-call", type=float, default=3.0,
                    help="skip a dense baseline whose single call is predicted above this (s)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = p.parse_args(argv)
     unknown = sorted({s for s in args.kernels.split(",") if s} - set(available_kernels()))
     if unknown:
         p.error(f"unknown kernel(s) {', '.join(unknown)}; available: {', '.join(sorted(available_kernels()))}")
-    for k, _ in args.shapes:
-        if k % args.group:
-            p.error(f"--group {args.group} does not divide K={k}")
+    check_layer_options(p, args)
     return args
 
 
@@ -70,10 +66,6 @@ def streaming_read_gbps(mib: int = 256) -> float:
             fn()
         best = max(best, a.numel() * 4 * 4 / (time.perf_counter() - t) / 1e9)
     return best
-
-
-def _nbytes(weights: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 class _Row:
@@ -94,7 +86,7 @@ def _dense_rows(k: int, n: int, ms: list[int], args: argparse.Namespace) -> dict
                 rows[(name, m)] = _Row(f"dense {name}", None, nbytes, f"skipped (~{per_row * m:.0f} s/call)")
                 continue
             x = torch.randn(m, k).to(dtype)
-            sec = time_pool(lambda w: x @ w, pool, args.min_time)
+            sec = time_pool(lambda w, x=x: x @ w, pool, args.min_time)
             per_row = sec / m
             rows[(name, m)] = _Row(f"dense {name}", sec, nbytes)
     return rows
@@ -114,12 +106,11 @@ def _kernel_rows(k: int, n: int, bits: int, ms: list[int], args: argparse.Namesp
                 continue
             kernel = cls()
             first = kernel.prepare(*base, spec, dtype, torch.device("cpu"))
-            nbytes = _nbytes(first)
-            pool = [first] + [{key: t.clone() for key, t in first.items()}
-                              for _ in range(pool_size(nbytes, args.pool_mib) - 1)]
+            nbytes = weight_nbytes(first)
+            pool = weight_pool(first, args.pool_mib)
             for m in ms:
                 x = torch.randn(m, k).to(dtype)
-                sec = time_pool(lambda w: kernel.forward(x, w, spec), pool, args.min_time)
+                sec = time_pool(lambda w, x=x, kernel=kernel: kernel.forward(x, w, spec), pool, args.min_time)
                 out.append((m, _Row(f"{name} {bits}b {dname}", sec, nbytes)))
     return out
 
