@@ -98,7 +98,7 @@ class ModelRunner:
             counts.append(n)
             starts.append(start)
             tables.append(table)
-            if getattr(item, "all_logits", False):
+            if item.all_logits:
                 logit_rows.extend(range(len(ids) - n, len(ids)))
             elif item.sample:
                 logit_rows.append(len(ids) - 1)
