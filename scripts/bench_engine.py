@@ -13,7 +13,7 @@ Runs the engine core in-process (no HTTP) so the numbers are the engine's own:
 Usage: python scripts/bench_engine.py [--dtype bf16] [--tokens 64] [--concurrency 1 4 16 32 64]
 
 ``--gemm-min-m 12 32 --repeats 2`` instead runs the throughput section once per
-value of cpu_fused's ``GEMM_MIN_M`` for the model dtype, alternating, in one
+value of cpu_fused's ``GEMM_MIN_M`` for the model's layout, alternating, in one
 process (an A/B of the GEMV/GEMM switch point on the same loaded model).
 """
 
@@ -26,6 +26,7 @@ import time
 from qalora_runtime.engine.builder import assemble_engine_core
 from qalora_runtime.formats.default_model import ensure_default_model
 from qalora_runtime.models.loader import load_model, load_tokenizer
+from qalora_runtime.quant.spec import QuantSpec
 from qalora_runtime.sampling_params import SamplingParams
 
 STORY = "Once upon a time, in a small village at the edge of a dark forest, there lived"
@@ -102,12 +103,12 @@ def itl_during_long_prompt(loaded, prompt_tokens: int, chunk: int, decodes: int)
 
 
 def gemm_switch_ab(loaded, concurrency: list[int], tokens: int, values: list[int], repeats: int) -> None:
-    """Throughput per value of ``GEMM_MIN_M[model dtype]``, the values alternating ``repeats`` times."""
+    """Throughput per value of ``GEMM_MIN_M`` of the model's layout, the values alternating ``repeats`` times."""
     from qalora_runtime.kernels import cpu_fused
 
-    dtype = loaded[0].dtype
-    key = (dtype, cpu_fused.LAYOUT_QUAD)  # the default model is 4/8-bit: quad layout
-    kept = cpu_fused.GEMM_MIN_M.get(key)
+    # The default model is 4/8-bit: the dot layout in bf16, the quad layout in fp32.
+    key = cpu_fused.layout_for(QuantSpec(4, 32), loaded[0].dtype)
+    kept = cpu_fused.GEMM_MIN_M[key]
     print("\n| GEMM_MIN_M | " + " | ".join(f"c{c} tok/s" for c in concurrency) + " |")
     print("|---|" + "---|" * len(concurrency))
     try:

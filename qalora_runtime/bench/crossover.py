@@ -58,6 +58,9 @@ def crossover_m(gemv_s: Sequence[float], gemm_s: Sequence[float], ms: Sequence[i
     return best
 
 
+LAYOUT_NAMES = {cpu_fused.LAYOUT_QUAD: "quad", cpu_fused.LAYOUT_PLANE: "plane", cpu_fused.LAYOUT_DOT: "dot"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the GEMV/GEMM timing table per layer and the measured crossover; returns an exit code."""
     args = _parse_args(argv)
@@ -75,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 first = cpu_fused.CpuFusedKernel().prepare(*base, spec, dtype, torch.device("cpu"))
                 layout = cpu_fused.layout_of(first)
                 pool = weight_pool(first, args.pool_mib)
-                gemv_mode = cpu_fused.MODE_Q8 if dtype == torch.bfloat16 else cpu_fused.MODE_F32
+                gemv_mode = cpu_fused.MODE_Q8 if layout == cpu_fused.LAYOUT_DOT else cpu_fused.MODE_F32
                 gemv_s, gemm_s = [], []
                 for m in args.m:
                     x = torch.randn(m, k).to(dtype)
@@ -86,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             pool, args.min_time))
                 found = crossover_m(gemv_s, gemm_s, args.m)
                 out.write(f"\nK={k} N={n} {bits}-bit {dname}: crossover M = {found if found else 'none'} "
-                          f"(dispatcher: GEMM_MIN_M = {cpu_fused.GEMM_MIN_M.get((dtype, layout))}, "
-                          f"{'plane' if layout == cpu_fused.LAYOUT_PLANE else 'quad'} layout)\n")
+                          f"(dispatcher: GEMM_MIN_M = {cpu_fused.GEMM_MIN_M[layout]}, "
+                          f"{LAYOUT_NAMES[layout]} layout)\n")
                 out.write(f"  {'M':>4} {'gemv us':>10} {'gemm us':>10}  faster\n")
                 for m, tv, tm in zip(args.m, gemv_s, gemm_s):
                     out.write(f"  {m:>4} {tv * 1e6:10.1f} {tm * 1e6:10.1f}  {'gemm' if tm < tv else 'gemv'}\n")

@@ -1,21 +1,22 @@
 """Fused low-bit CPU kernels (2/3/4/8-bit, float zero-points) from the C++ extension in ``csrc/``.
 
-Three strategies, chosen per call from the number of rows ``M``:
+A layer is repacked at load into the layout its activation dtype wants, and each
+layout has one GEMV for small ``M`` plus the shared tiled GEMM for large ``M``:
 
-* ``q8`` (decode, bf16 activations): activations quantized to int8 per 32-block,
-  integer dot products (AVX2 ``maddubs``), one FMA per block plus one per group
-  for the float zero (llama.cpp's approach). Error ~1e-3 relative, comparable to
-  bf16 rounding of the activations themselves.
-* ``f32`` (decode, fp32 activations): the same decode converted to fp32 and
-  multiplied exactly; error ~1e-6 relative. 2- and 3-bit layers prepared for fp32
-  activations are stored in the *plane* layout instead, whose exact GEMV looks up
+* *dot* layout, ``q8`` GEMV (bf16 activations, or ``QALORA_CPU_INT8_ACT=1``):
+  activations quantized to int8 per 32-block, integer dot products (AVX2
+  ``maddubs``) whose four columns' sums come out side by side, one FMA per block
+  plus one per group for the float zero (llama.cpp's approach). Error ~1e-3
+  relative, comparable to bf16 rounding of the activations themselves.
+* *quad* layout, ``f32`` GEMV (fp32 activations, 4/8-bit): the levels converted to
+  fp32 and multiplied exactly; error ~1e-6 relative.
+* *plane* layout, ``f32`` GEMV (fp32 activations, 2/3-bit): exact too, looking up
   a pair of inputs of one bit plane for 8 columns per instruction, so it gets
   cheaper with fewer bits (see ``csrc/qalora_plane_avx2.cpp``).
-* ``gemm`` (prefill): dequantize an L2-sized tile to fp32 and run a register-blocked
-  FMA kernel over all rows; exact like ``f32``.
+* ``gemm`` (prefill, any layout): dequantize an L2-sized tile to fp32 and run a
+  register-blocked FMA kernel over all rows; exact like ``f32``.
 
-Set ``QALORA_CPU_INT8_ACT=1`` to use ``q8`` for fp32 activations too (faster,
-less exact). If the extension cannot be built this module registers nothing.
+If the extension cannot be built this module registers nothing.
 """
 
 from __future__ import annotations
@@ -26,22 +27,16 @@ import torch
 
 from ..quant.spec import QuantSpec
 from .cpu_fused_build import load_extension
-from .cpu_fused_pack import repack, repack_planes
+from .cpu_fused_pack import repack, repack_dot, repack_planes
 from .registry import LinearKernel, register_kernel
 
 MODE_Q8, MODE_F32, MODE_GEMM = 0, 1, 2
-LAYOUT_QUAD, LAYOUT_PLANE = 0, 1
-#: Key whose presence in a prepared layer's weights marks the plane layout.
-PLANE_MARK = "plane_layout"
-#: Smallest M that takes the tiled GEMM path, per (activation dtype, layout)
-#: (measured with ``qalora bench crossover``, see docs/BENCHMARKS.md). The plane
-#: layout's GEMV is cheaper and its GEMM tile dequantization dearer, so it
-#: switches later.
-GEMM_MIN_M = {
-    (torch.float32, LAYOUT_QUAD): 3,
-    (torch.float32, LAYOUT_PLANE): 6,
-    (torch.bfloat16, LAYOUT_QUAD): 12,
-}
+LAYOUT_QUAD, LAYOUT_PLANE, LAYOUT_DOT = 0, 1, 2
+#: Key of a prepared layer's zero-byte tensor whose first dimension is its layout (absent: quad).
+LAYOUT_KEY = "layout"
+#: Smallest M that takes the tiled GEMM path, per layout (its GEMV decides the
+#: crossover; measured with ``qalora bench crossover``, see docs/BENCHMARKS.md).
+GEMM_MIN_M = {LAYOUT_QUAD: 3, LAYOUT_PLANE: 6, LAYOUT_DOT: 48}
 INT8_ACT_ENV = "QALORA_CPU_INT8_ACT"
 
 _ext = load_extension()
@@ -68,7 +63,7 @@ def fused_linear(
     if _ext is None:
         raise RuntimeError("qalora cpu_fused extension is not available")
     if mode is None:
-        mode = choose_mode(x.shape[0], x.dtype, layout)
+        mode = choose_mode(x.shape[0], layout)
     return _ext.linear(x, qw, ss, spec.bits, spec.group_size, out_features, mode, allow_simd, layout)
 
 
@@ -77,18 +72,26 @@ def uses_plane_layout(spec: QuantSpec, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and spec.bits in (2, 3) and not _INT8_ACT_ALWAYS
 
 
+def layout_for(spec: QuantSpec, dtype: torch.dtype) -> int:
+    """The layout ``prepare`` packs a layer into for ``dtype`` activations."""
+    if uses_plane_layout(spec, dtype):
+        return LAYOUT_PLANE
+    if dtype == torch.bfloat16 or _INT8_ACT_ALWAYS:
+        return LAYOUT_DOT
+    return LAYOUT_QUAD
+
+
 def layout_of(weights: dict[str, torch.Tensor]) -> int:
     """The packed layout of a prepared layer."""
-    return LAYOUT_PLANE if PLANE_MARK in weights else LAYOUT_QUAD
+    marker = weights.get(LAYOUT_KEY)
+    return LAYOUT_QUAD if marker is None else marker.shape[0]
 
 
-def choose_mode(m: int, dtype: torch.dtype, layout: int = LAYOUT_QUAD) -> int:
-    """Strategy for ``m`` rows of ``dtype`` activations on a ``layout`` layer (thresholds: GEMM_MIN_M)."""
-    if m >= GEMM_MIN_M.get((dtype, layout), 8):
+def choose_mode(m: int, layout: int) -> int:
+    """Strategy for ``m`` rows on a ``layout`` layer: its own GEMV below GEMM_MIN_M, else the GEMM."""
+    if m >= GEMM_MIN_M.get(layout, m + 1):  # an unknown layout is the C++ check's to reject
         return MODE_GEMM
-    if dtype == torch.bfloat16 or _INT8_ACT_ALWAYS:
-        return MODE_Q8
-    return MODE_F32
+    return MODE_Q8 if layout == LAYOUT_DOT else MODE_F32
 
 
 class CpuFusedKernel(LinearKernel):
@@ -130,12 +133,14 @@ class CpuFusedKernel(LinearKernel):
         dtype: torch.dtype,
         device: torch.device,
     ) -> dict[str, torch.Tensor]:
-        plane = uses_plane_layout(spec, dtype)
-        qw, ss = (repack_planes if plane else repack)(qweight, scales, zeros, spec)
-        # A zero-byte tensor whose shape carries N (the packed tensors are padded to quads or octs).
+        layout = layout_for(spec, dtype)
+        pack = {LAYOUT_QUAD: repack, LAYOUT_PLANE: repack_planes, LAYOUT_DOT: repack_dot}[layout]
+        qw, ss = pack(qweight, scales, zeros, spec)
+        # Zero-byte tensors whose shapes carry N (the packed tensors are padded to
+        # quads or octs) and the layout: read per call without touching data.
         weights = {"qw": qw, "ss": ss, "out_features": torch.empty(qweight.shape[1], 0, dtype=torch.uint8)}
-        if plane:  # a zero-byte marker: read per call by a dict lookup, not a tensor read
-            weights[PLANE_MARK] = torch.empty(0, dtype=torch.uint8)
+        if layout != LAYOUT_QUAD:
+            weights[LAYOUT_KEY] = torch.empty(layout, 0, dtype=torch.uint8)
         return weights
 
     def forward(
@@ -145,7 +150,7 @@ class CpuFusedKernel(LinearKernel):
         if x.dim() == 2:  # the model's case: call straight through (runs ~120 times per token)
             layout = layout_of(weights)
             return _ext.linear(x, weights["qw"], weights["ss"], spec.bits, spec.group_size, n,
-                               choose_mode(x.shape[0], x.dtype, layout), True, layout)
+                               choose_mode(x.shape[0], layout), True, layout)
         lead = x.shape[:-1]
         y = fused_linear(x.reshape(-1, x.shape[-1]), weights["qw"], weights["ss"], spec, n,
                          layout=layout_of(weights))

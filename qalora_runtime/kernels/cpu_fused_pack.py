@@ -7,6 +7,11 @@ contiguous buffer (3-bit: one 48-byte quad-block whose bytes mix the columns);
 scales and ``s*(z - off)`` are fp32 ``[N/4, K/G, 2, 4]``.
 Everything stays packed: ``bits/8`` bytes per weight plus 8 bytes per group and column.
 
+``repack_dot`` builds the dot layout (layers whose activations are quantized to int8):
+the same sizes and scales, each quad-block's levels reordered into four 32-byte
+vectors so that one AVX2 ``maddubs`` + ``madd`` yields the four columns' partial sums
+side by side (byte ``p`` of vector ``j``: column ``(p/4)%4``, input ``8j + 4(p/16) + p%4``).
+
 ``repack_planes`` builds the plane layout instead (2/3-bit layers that run with fp32
 activations): per 8 columns and block of 32 inputs, ``bits`` planes of 8 uint32, bit
 ``r`` of column ``c``'s dword in plane ``j`` being bit ``j`` of the level of input
@@ -73,19 +78,53 @@ def _padded_columns(
     return levels, s, z
 
 
-def repack(
+def _quad_blocks(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ ``qweight[K*bits/32, N]``, ``scales``/``zeros[K/G, N]`` -> (``qw`` uint8, ``ss`` fp32)."""
+    """Levels as quad-blocks ``[N/4, K/32, 4, 32]`` and the quad/dot layouts' ``ss`` fp32 ``[N/4, K/G, 2, 4]``."""
     levels, s, z = _padded_columns(qweight, scales, zeros, spec, 4)
     k, groups = levels.shape[0], levels.shape[0] // spec.group_size
     quads = levels.shape[1] // 4
     blocks = levels.t().reshape(quads, 4, k // 32, 32).permute(0, 2, 1, 3)
-    qw = _pack_blocks(blocks, spec.bits).contiguous().reshape(-1)
     sz = s * (z - level_offset(spec.bits))
     ss = torch.stack([s, sz], dim=1).to(torch.float32)  # [G, 2, Np]
     ss = ss.reshape(groups, 2, quads, 4).permute(2, 0, 1, 3).contiguous()
-    return qw, ss
+    return blocks, ss
+
+
+def repack(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ ``qweight[K*bits/32, N]``, ``scales``/``zeros[K/G, N]`` -> (``qw`` uint8, ``ss`` fp32)."""
+    blocks, ss = _quad_blocks(qweight, scales, zeros, spec)
+    return _pack_blocks(blocks, spec.bits).contiguous().reshape(-1), ss
+
+
+def _dot_order() -> tuple[torch.Tensor, torch.Tensor]:
+    """(column, input) of byte ``p`` of dot vector ``j``, as ``[4, 32]`` index tensors (qalora_layout.h)."""
+    j = torch.arange(4).unsqueeze(1)
+    p = torch.arange(32).unsqueeze(0)
+    column = ((p // 4) % 4).expand(4, 32)
+    inputs = 8 * j + 4 * (p // 16) + p % 4
+    return column, inputs
+
+
+def repack_dot(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ layer -> dot layout (``qw`` uint8, ``ss`` fp32 as in ``repack``), for the int8-activation GEMV."""
+    blocks, ss = _quad_blocks(qweight, scales, zeros, spec)
+    column, inputs = _dot_order()
+    v = blocks[..., column, inputs].to(torch.int32)  # [Q, KB, 4 vectors, 32 bytes]
+    if spec.bits == 3:
+        packed = _pack_quad3(v)  # the vectors in place of the columns
+    elif spec.bits == 4:
+        packed = torch.cat([v[..., 0, :] | (v[..., 1, :] << 4), v[..., 2, :] | (v[..., 3, :] << 4)], dim=-1)
+    elif spec.bits == 2:
+        packed = v[..., 0, :] | (v[..., 1, :] << 2) | (v[..., 2, :] << 4) | (v[..., 3, :] << 6)
+    else:
+        packed = (v ^ 0x80).flatten(-2)
+    return packed.to(torch.uint8).contiguous().reshape(-1), ss
 
 
 def repack_planes(

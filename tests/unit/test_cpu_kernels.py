@@ -5,6 +5,10 @@ Tolerances (max |y - ref| / max |ref|, ref computed in float64):
 * exact fp32 paths (``f32`` GEMV, tiled ``gemm``, scalar fallback): 1e-5. They
   dequantize exactly (one fp32 rounding of s*q - s*z) and only the fp32
   summation order differs from the reference (observed ~1e-7).
+Each layout has its GEMV: quad the exact ``f32`` one, dot (repack_dot) the ``q8``
+one; an exact request on a dot layer runs the GEMM, a q8 request on a quad layer
+its exact GEMV, so every exact check below holds on both layouts.
+
 * ``q8`` path: activations are quantized to int8 per 32-block on purpose
   (llama.cpp's approach), which changes the result by ~0.5-1.5% of max|y| on
   random data (about 2x a dense bf16 matmul's error). We test it two ways: against
@@ -59,50 +63,65 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
     return (q.to(torch.float64) * (amax / 127.0).to(torch.float64)).reshape(x.shape)
 
 
+LAYOUTS = {"quad": cpu_fused.LAYOUT_QUAD, "dot": cpu_fused.LAYOUT_DOT}
+
+
 @pytest.fixture(scope="module", params=[(b, g) for b in BITS for g in GROUPS], ids=lambda p: f"{p[0]}b-g{p[1]}")
 def layer(request):
+    """spec, {layout name: (layout, qw, ss)}, float64 reference weight."""
     bits, group = request.param
     spec = QuantSpec(bits, group)
     qweight, scales, zeros = random_layer(K, N, spec, seed=bits * 1000 + group)
-    qw, ss = cpu_fused.repack(qweight, scales, zeros, spec)
-    return spec, qw, ss, dequantize(qweight, scales, zeros, spec, torch.float64)
+    packed = {"quad": (cpu_fused.LAYOUT_QUAD, *cpu_fused.repack(qweight, scales, zeros, spec)),
+              "dot": (cpu_fused.LAYOUT_DOT, *cpu_fused.repack_dot(qweight, scales, zeros, spec))}
+    return spec, packed, dequantize(qweight, scales, zeros, spec, torch.float64)
+
+
+def linear(x: torch.Tensor, layer, layout: str, mode: str, allow_simd: bool = True) -> torch.Tensor:
+    spec, packed, _ = layer
+    code, qw, ss = packed[layout]
+    return cpu_fused.fused_linear(x, qw, ss, spec, N, mode=MODES[mode], allow_simd=allow_simd, layout=code)
 
 
 @pytest.mark.parametrize("m", [1, 2, 7])
 @pytest.mark.parametrize("mode", ["f32", "gemm"])
-def test_exact_paths_fp32(layer, mode: str, m: int) -> None:
-    spec, qw, ss, w = layer
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_exact_paths_fp32(layer, layout: str, mode: str, m: int) -> None:
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m))
-    y = cpu_fused.fused_linear(x, qw, ss, spec, N, mode=MODES[mode])
+    y = linear(x, layer, layout, mode)
     assert y.dtype == torch.float32 and y.shape == (m, N)
-    assert rel_err(y, x.to(torch.float64) @ w) < 1e-5
+    assert rel_err(y, x.to(torch.float64) @ layer[2]) < 1e-5
 
 
 @pytest.mark.parametrize("m", [1, 3])
-def test_scalar_fallback_exact(layer, m: int) -> None:
-    spec, qw, ss, w = layer
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scalar_fallback_exact(layer, layout: str, m: int) -> None:
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(10 + m))
-    y = cpu_fused.fused_linear(x, qw, ss, spec, N, mode=cpu_fused.MODE_Q8, allow_simd=False)
-    assert rel_err(y, x.to(torch.float64) @ w) < 1e-5
+    y = linear(x, layer, layout, "q8", allow_simd=False)
+    assert rel_err(y, x.to(torch.float64) @ layer[2]) < 1e-5
 
 
 @pytest.mark.parametrize("m", [1, 2, 5])
 def test_q8_path(layer, m: int) -> None:
-    spec, qw, ss, w = layer
+    w = layer[2]
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(20 + m))
-    y = cpu_fused.fused_linear(x, qw, ss, spec, N, mode=cpu_fused.MODE_Q8)
+    y = linear(x, layer, "dot", "q8")
     assert rel_err(y, int8_activations(x) @ w) < 1e-5  # arithmetic exact given int8 x
     assert rel_err(y, x.to(torch.float64) @ w) < 3e-2  # quantization error bounded
 
 
-@pytest.mark.parametrize("mode", ["q8", "gemm"])
-def test_bf16_activations(layer, mode: str) -> None:
-    spec, qw, ss, w = layer
+def test_q8_request_on_quad_layout_is_exact(layer) -> None:
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(25))
+    assert rel_err(linear(x, layer, "quad", "q8"), x.to(torch.float64) @ layer[2]) < 1e-5
+
+
+@pytest.mark.parametrize(("mode", "layout"), [("q8", "dot"), ("gemm", "dot"), ("gemm", "quad")])
+def test_bf16_activations(layer, mode: str, layout: str) -> None:
     x = torch.randn(4, K, generator=torch.Generator().manual_seed(30)).to(torch.bfloat16)
-    y = cpu_fused.fused_linear(x, qw, ss, spec, N, mode=MODES[mode])
+    y = linear(x, layer, layout, mode)
     assert y.dtype == torch.bfloat16 and y.shape == (4, N)
     path_tol = 3e-2 if mode == "q8" else 1e-5
-    assert rel_err(y, x.to(torch.float64) @ w) < path_tol + 1.5e-2
+    assert rel_err(y, x.to(torch.float64) @ layer[2]) < path_tol + 1.5e-2
 
 
 def test_odd_group_size_and_leading_dims() -> None:
@@ -137,15 +156,18 @@ def test_registry_prefers_cpu_fused() -> None:
 
 
 def test_choose_mode_thresholds() -> None:
-    assert cpu_fused.choose_mode(1, torch.float32) == cpu_fused.MODE_F32
-    assert cpu_fused.choose_mode(1, torch.bfloat16) == cpu_fused.MODE_Q8
-    assert cpu_fused.choose_mode(256, torch.float32) == cpu_fused.MODE_GEMM
-    assert cpu_fused.choose_mode(256, torch.bfloat16) == cpu_fused.MODE_GEMM
-    # The plane layout's GEMV stays faster for longer (qalora bench crossover).
-    plane = cpu_fused.LAYOUT_PLANE
-    assert cpu_fused.choose_mode(4, torch.float32) == cpu_fused.MODE_GEMM
-    assert cpu_fused.choose_mode(4, torch.float32, plane) == cpu_fused.MODE_F32
-    assert cpu_fused.choose_mode(6, torch.float32, plane) == cpu_fused.MODE_GEMM
+    quad, plane, dot = cpu_fused.LAYOUT_QUAD, cpu_fused.LAYOUT_PLANE, cpu_fused.LAYOUT_DOT
+    assert cpu_fused.choose_mode(1, quad) == cpu_fused.MODE_F32
+    assert cpu_fused.choose_mode(1, plane) == cpu_fused.MODE_F32
+    assert cpu_fused.choose_mode(1, dot) == cpu_fused.MODE_Q8
+    for layout in (quad, plane, dot):
+        assert cpu_fused.choose_mode(256, layout) == cpu_fused.MODE_GEMM
+    # Each layout switches where its GEMV stops winning (qalora bench crossover).
+    for layout in (quad, plane, dot):
+        switch = cpu_fused.GEMM_MIN_M[layout]
+        assert cpu_fused.choose_mode(switch - 1, layout) != cpu_fused.MODE_GEMM
+        assert cpu_fused.choose_mode(switch, layout) == cpu_fused.MODE_GEMM
+
 
 
 @pytest.mark.parametrize("bits", [4])
@@ -174,6 +196,47 @@ def test_3bit_quad_block_layout() -> None:
     assert qw.tolist() == torch.cat([a, b]).tolist()
 
 
+def _decode_dot_vectors(qb: list[int], bits: int) -> list[list[int]]:
+    """The dot vectors V0..V3 of one quad-block, decoded from the format documented in qalora_layout.h."""
+    if bits == 8:
+        return [[(qb[32 * j + p] ^ 0x80) for p in range(32)] for j in range(4)]
+    if bits == 4:
+        return [[(qb[32 * (j // 2) + p] >> (4 * (j % 2))) & 0xF for p in range(32)] for j in range(4)]
+    if bits == 2:
+        return [[(qb[p] >> (2 * j)) & 3 for p in range(32)] for j in range(4)]
+    hi = [(qb[32 + p % 16] >> (0 if p < 16 else 4)) & 0xF for p in range(32)]
+    return [[qb[p] & 7 for p in range(32)], [(qb[p] >> 3) & 7 for p in range(32)],
+            [(qb[p] >> 6) | ((hi[p] >> 3) << 2) for p in range(32)], [hi[p] & 7 for p in range(32)]]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dot_layout_byte_order(bits: int) -> None:
+    """Byte p of dot vector j holds column (p/4)%4 at input 8j + 4(p/16) + p%4 (qalora_layout.h)."""
+    spec = QuantSpec(bits, 32)
+    levels = torch.randint(0, 2 ** bits, (64, 4), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
+    qw, ss = cpu_fused.repack_dot(pack_int32(levels, bits, dim=0), torch.ones(2, 4), torch.zeros(2, 4), spec)
+    assert qw.numel() == 64 * 4 * bits // 8 and ss.shape == (1, 2, 2, 4)
+    rebuilt = torch.full_like(levels, -1)
+    for block, qb in enumerate(qw.reshape(2, -1).tolist()):
+        for j, vector in enumerate(_decode_dot_vectors(qb, bits)):
+            for p, level in enumerate(vector):
+                rebuilt[32 * block + 8 * j + 4 * (p // 16) + p % 4, (p // 4) % 4] = level
+    assert torch.equal(rebuilt, levels)
+
+
+def test_dot_layout_columns_and_choice() -> None:
+    """bf16 layers get the dot layout; its columns (tied embeddings) decode through the scalar accessor."""
+    spec = QuantSpec(3, 64)
+    qweight, scales, zeros = random_layer(K, N, spec, seed=11)
+    kernel = cpu_fused.CpuFusedKernel()
+    weights = kernel.prepare(qweight, scales, zeros, spec, torch.bfloat16, CPU)
+    assert cpu_fused.layout_of(weights) == cpu_fused.LAYOUT_DOT
+    ids = torch.tensor([0, N - 1, 37, 0])
+    cols = kernel.columns(ids, weights, spec, K, torch.float32)
+    w = dequantize(qweight, scales, zeros, spec, torch.float64)
+    assert torch.allclose(cols.double(), w[:, ids].t(), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("mode", ["q8", "f32", "gemm"])
 def test_extreme_levels_no_saturation(bits: int, mode: str) -> None:
@@ -183,10 +246,11 @@ def test_extreme_levels_no_saturation(bits: int, mode: str) -> None:
     fill = 0 if bits == 8 else spec.max_q
     levels = torch.full((k, n), fill, dtype=torch.int32)
     scales, zeros = torch.full((k // 64, n), 0.01), torch.full((k // 64, n), 0.5)
-    qw, ss = cpu_fused.repack(pack_int32(levels, bits, dim=0), scales, zeros, spec)
+    pack, layout = (cpu_fused.repack_dot, cpu_fused.LAYOUT_DOT) if mode == "q8" else (cpu_fused.repack, 0)
+    qw, ss = pack(pack_int32(levels, bits, dim=0), scales, zeros, spec)
     w = dequantize(pack_int32(levels, bits, dim=0), scales, zeros, spec, torch.float64)
     x = torch.where(torch.arange(k) % 3 == 0, -1.0, 1.0).repeat(3, 1).to(torch.float32)
-    y = cpu_fused.fused_linear(x, qw, ss, spec, n, mode=MODES[mode])
+    y = cpu_fused.fused_linear(x, qw, ss, spec, n, mode=MODES[mode], layout=layout)
     ref = (int8_activations(x) if mode == "q8" else x.to(torch.float64)) @ w
     assert rel_err(y, ref) < 1e-5
 

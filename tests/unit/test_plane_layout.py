@@ -70,17 +70,20 @@ def test_plane_columns_are_the_dequantized_columns(plane_layer) -> None:
     assert torch.allclose(cols.double(), w_ref[:, ids].t(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("bits", "dtype", "int8_forced", "plane"), [
-    (2, torch.float32, False, True), (3, torch.float32, False, True),
-    (4, torch.float32, False, False), (8, torch.float32, False, False),
-    (3, torch.bfloat16, False, False), (3, torch.float32, True, False),
+PLANE, QUAD, DOT = cpu_fused.LAYOUT_PLANE, cpu_fused.LAYOUT_QUAD, cpu_fused.LAYOUT_DOT
+
+
+@pytest.mark.parametrize(("bits", "dtype", "int8_forced", "layout"), [
+    (2, torch.float32, False, PLANE), (3, torch.float32, False, PLANE),
+    (4, torch.float32, False, QUAD), (8, torch.float32, False, QUAD),
+    (3, torch.bfloat16, False, DOT), (4, torch.bfloat16, False, DOT), (3, torch.float32, True, DOT),
 ])
-def test_layout_choice(bits, dtype, int8_forced, plane, monkeypatch) -> None:
+def test_layout_choice(bits, dtype, int8_forced, layout, monkeypatch) -> None:
     monkeypatch.setattr(cpu_fused, "_INT8_ACT_ALWAYS", int8_forced)
     spec = QuantSpec(bits, 32)
     _, qweight, scales, zeros = random_layer(64, 16, spec, seed=1)
     weights = cpu_fused.CpuFusedKernel().prepare(qweight, scales, zeros, spec, dtype, CPU)
-    assert (cpu_fused.layout_of(weights) == cpu_fused.LAYOUT_PLANE) == plane
+    assert cpu_fused.layout_of(weights) == layout
     assert weights["qw"].numel() == 64 * 16 * bits // 8  # still bits/8 bytes per weight
 
 

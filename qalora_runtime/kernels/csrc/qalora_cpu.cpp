@@ -67,8 +67,9 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
   TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "bad group size for K");
   TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous(), "qw must be contiguous uint8");
   TORCH_CHECK(ss.scalar_type() == at::kFloat && ss.is_contiguous(), "ss must be contiguous float32");
-  TORCH_CHECK(layout == qalora::kQuadLayout || (layout == qalora::kPlaneLayout && (bits == 2 || bits == 3)),
-              "layout must be 0 (quad) or 1 (plane, 2/3-bit only)");
+  TORCH_CHECK(layout == qalora::kQuadLayout || layout == qalora::kDotLayout ||
+                  (layout == qalora::kPlaneLayout && (bits == 2 || bits == 3)),
+              "layout must be 0 (quad), 1 (plane, 2/3-bit only) or 2 (dot)");
   const qalora::LayerView L{qw.data_ptr<uint8_t>(), ss.data_ptr<float>(), K, N, bits, group, layout};
   TORCH_CHECK(qw.numel() == L.qw_bytes(), "qw size does not match K, N, bits and layout");
   TORCH_CHECK(ss.numel() == L.ss_floats(), "ss size does not match K, N, group and layout");
@@ -76,41 +77,47 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
 
   const at::Tensor xf = to_f32(x);
   const bool simd = allow_simd && qalora::cpu_has_avx2();
-  at::Tensor y = (simd && mode == kGemm) ? at::zeros({M, N}, xf.options()) : at::empty({M, N}, xf.options());
+  // Each layout has one GEMV: quad and plane the exact fp32 one, dot the q8 one.
+  // A GEMV request of the other kind runs the layout's own, except an exact
+  // request on a dot layer, which takes the (exact) tiled GEMM.
+  const bool gemm = mode == kGemm || (layout == qalora::kDotLayout && mode == kF32);
+  at::Tensor y = (simd && gemm) ? at::zeros({M, N}, xf.options()) : at::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t G = K / group;
 
   if (!simd) {
     at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) { qalora::f32_gemv_scalar(L, xp, M, yp, b, e); });
-  } else if (layout == qalora::kPlaneLayout && mode != kGemm) {
-    // The plane layout has only the exact GEMV (a q8 request gets it too).
+  } else if (gemm) {
+    at::parallel_for(0, quads, qalora::kGemmQuads, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);
+      qalora::f32_gemm_avx2(L, xp, M, yp, b, e, buf.data());
+    });
+  } else if (layout == qalora::kPlaneLayout) {
     at::Tensor prep = at::empty({qalora::plane_prep_floats(L, M)}, xf.options());
     float* pp = prep.data_ptr<float>();
     qalora::plane_prepare_avx2(L, xp, M, pp);
     at::parallel_for(0, L.octs(), 4, [&](int64_t b, int64_t e) { qalora::plane_gemv_avx2(L, pp, M, yp, b, e); });
-  } else if (mode == kQ8) {
-    at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
+  } else if (layout == qalora::kDotLayout) {
+    // int8 activations [M, K], then the same bytes in dot-vector order [M, 4K].
+    at::Tensor xq = at::empty({M, 5 * K}, xf.options().dtype(at::kChar));
     at::Tensor dx = at::empty({M, K / 32}, xf.options());
     at::Tensor xs = at::empty({M, G}, xf.options());
     int8_t* xqp = xq.data_ptr<int8_t>();
+    int8_t* xep = xqp + M * K;
     float* dxp = dx.data_ptr<float>();
     float* xsp = xs.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m)
       qalora::quantize_act_avx2(xp + m * K, K, group, xqp + m * K, dxp + m * (K / 32), xsp + m * G);
+    qalora::dot_expand_act_avx2(xqp, M, K, xep);
     const qalora::QuantAct A{xqp, dxp, xsp};
-    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::q8_gemv_avx2(L, A, M, yp, b, e); });
-  } else if (mode == kF32) {
+    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::q8_dot_gemv_avx2(L, A, xep, M, yp, b, e); });
+  } else {
     // Per-group sums of x (zero-point term) or a permuted x (3-bit), by the kernel's rules.
     at::Tensor xa = at::empty({qalora::f32_prep_floats(L, M)}, xf.options());
     float* xap = xa.data_ptr<float>();
     qalora::f32_prepare_avx2(L, xp, M, xap);
     at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::f32_gemv_avx2(L, xp, xap, M, yp, b, e); });
-  } else {
-    at::parallel_for(0, quads, qalora::kGemmQuads, [&](int64_t b, int64_t e) {
-      std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);
-      qalora::f32_gemm_avx2(L, xp, M, yp, b, e, buf.data());
-    });
   }
   return x.scalar_type() == at::kFloat ? y : from_f32(y, x.scalar_type());
 }
@@ -132,7 +139,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // event loop keeps streaming and accepting requests while the engine thread
   // computes a step. The few-microsecond ops keep it: a release costs about as much.
   using release_gil = py::call_guard<py::gil_scoped_release>;
-  m.def("linear", &qalora_linear, "y = x @ W for a packed layer (layout 0: quad, 1: plane)",
+  m.def("linear", &qalora_linear, "y = x @ W for a packed layer (layout 0: quad, 1: plane, 2: dot)",
         py::arg("x"), py::arg("qw"), py::arg("ss"), py::arg("bits"), py::arg("group"), py::arg("N"),
         py::arg("mode"), py::arg("allow_simd") = true, py::arg("layout") = 0, release_gil());
   m.def("rms_norm", &qalora::rms_norm, "(residual += x) then RMSNorm, one pass", py::arg("x"),

@@ -1,5 +1,5 @@
 // AVX2 prefill (large M) kernel: dequantize an L2-sized tile of the packed layer
-// (either layout) to fp32 once, then run a 3-row x 4-column register-blocked dot-product kernel
+// (any layout) to fp32 once, then run a 3-row x 4-column register-blocked dot-product kernel
 // over it for every row block of x. The dequantization (a few ops per weight) is
 // amortized over M rows, so for large M this runs at fp32 FMA speed while the
 // whole layer is never materialized (one tile per thread at a time).
@@ -29,6 +29,34 @@ void dequant_tile(const LayerView& L, int64_t qt, int64_t nquads, int64_t k0, in
         const __m256 sz = _mm256_broadcast_ss(sg + 4 + c);
         float* dst = buf + (qi * 4 + c) * kGemmKC + (b * 32 - k0);
         for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + 8 * i, _mm256_fmsub_ps(wf[i], s, sz));
+      }
+    }
+  }
+}
+
+// The same tile from the dot layout: a vpermd puts each column's 8 inputs of dot
+// vector j next to each other (dwords c and c + 4), then they convert as in load_float.
+template <int BITS>
+void dequant_tile_dot(const LayerView& L, int64_t qt, int64_t nquads, int64_t k0, int64_t kc, float* buf) {
+  const int64_t bpg = L.bpg(), QB = 16 * BITS;
+  const __m256i by_column = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  alignas(32) uint8_t cols[32];
+  for (int64_t qi = 0; qi < nquads; ++qi) {
+    const uint8_t* wq = L.quad_q(qt + qi);
+    const float* ss = L.quad_s(qt + qi);
+    for (int64_t b = k0 / 32; b < (k0 + kc) / 32; ++b) {
+      const float* sg = ss + (b / bpg) * 8;
+      __m256i v[4];
+      unpack_dot<BITS>(wq + b * QB, v);
+      for (int j = 0; j < 4; ++j) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(cols), _mm256_permutevar8x32_epi32(v[j], by_column));
+        for (int c = 0; c < 4; ++c) {
+          const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(cols + 8 * c));
+          const __m256i q = BITS == 8 ? _mm256_cvtepi8_epi32(q8) : _mm256_cvtepu8_epi32(q8);
+          float* dst = buf + (qi * 4 + c) * kGemmKC + (b * 32 - k0) + 8 * j;
+          _mm256_storeu_ps(dst, _mm256_fmsub_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(sg + c),
+                                                _mm256_broadcast_ss(sg + 4 + c)));
+        }
       }
     }
   }
@@ -108,7 +136,9 @@ void gemm_range(const LayerView& L, const float* x, int64_t M, float* y, int64_t
     const int64_t nquads = q1 - qt < kGemmQuads ? q1 - qt : kGemmQuads;
     for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
       const int64_t kc = K - k0 < kGemmKC ? K - k0 : kGemmKC;
-      if constexpr (BITS == 2 || BITS == 3) {
+      if (L.layout == kDotLayout) {
+        dequant_tile_dot<BITS>(L, qt, nquads, k0, kc, buf);
+      } else if constexpr (BITS == 2 || BITS == 3) {
         if (L.layout == kPlaneLayout) dequant_tile_plane<BITS>(L, qt, nquads, k0, kc, buf);
         else dequant_tile<BITS>(L, qt, nquads, k0, kc, buf);
       } else {

@@ -23,12 +23,24 @@
 //       column c for the block's 32 inputs (bit r = input r). A GEMV looks up 2
 //       inputs of one plane for 8 columns with one vpermilps (qalora_plane_avx2.cpp).
 //   ss: float [N/8, K/G, 2, 8] (s, s * z), N padded to a multiple of 8.
+//
+// Dot layout (layers whose activations are quantized to int8: bf16 models, or
+// QALORA_CPU_INT8_ACT=1): the quad layout's sizes and ss, but each quad-block's
+// 128 levels are reordered into four 32-byte "dot vectors" V0..V3: byte p of V_j
+// is the level of column (p/4)%4 at input 8j + 4*(p/16) + p%4. One maddubs of V_j
+// with the activation bytes [x[8j..8j+3] x4 | x[8j+4..8j+7] x4] (prepared once per
+// call) and one madd then give int32 lanes [c0 c1 c2 c3 | c0 c1 c2 c3]: the four
+// columns' sums without horizontal adds (vphaddw costs 4 multiplies' throughput here).
+//   8-bit: V0..V3 one after another, signed (q - 128)
+//   4-bit: bytes 0-31 = V0 | V1 << 4, bytes 32-63 = V2 | V3 << 4
+//   2-bit: byte p = V0 | V1 << 2 | V2 << 4 | V3 << 6
+//   3-bit: the 48-byte 3-bit quad-block format above, vector j in place of column j
 #pragma once
 #include <cstdint>
 
 namespace qalora {
 
-enum Layout : int64_t { kQuadLayout = 0, kPlaneLayout = 1 };
+enum Layout : int64_t { kQuadLayout = 0, kPlaneLayout = 1, kDotLayout = 2 };
 
 struct LayerView {
   const uint8_t* qw;
@@ -37,7 +49,7 @@ struct LayerView {
   int64_t N;      // real output features (output row stride)
   int64_t bits;   // 2, 3, 4, 8 (plane layout: 2, 3)
   int64_t group;  // multiple of 32
-  int64_t layout = kQuadLayout;
+  int64_t layout = kQuadLayout;  // kQuadLayout, kPlaneLayout or kDotLayout
 
   int64_t kb() const { return K / 32; }
   int64_t groups() const { return K / group; }
@@ -93,7 +105,21 @@ inline int level_at(const uint8_t* qb, int64_t bits, int c, int i) {
   }
 }
 
+// Dot layout: stored level of element i (0..31) of column c of the quad-block at `qb`.
+inline int dot_level_at(const uint8_t* qb, int64_t bits, int c, int i) {
+  const int j = i / 8, r = i % 8;
+  const int p = 4 * (c + 4 * (r / 4)) + r % 4;  // byte of dot vector V_j
+  switch (bits) {
+    case 3: return level_at(qb, 3, j, p);       // the 3-bit quad format, V_j as "column" j
+    case 4: return (qb[32 * (j / 2) + p] >> (4 * (j % 2))) & 0xF;
+    case 2: return (qb[p] >> (2 * j)) & 0x3;
+    default: return static_cast<int>(static_cast<int8_t>(qb[32 * j + p]));
+  }
+}
+
 inline int LayerView::level(int64_t n, int64_t k) const {
+  if (layout == kDotLayout)
+    return dot_level_at(quad_q(n / 4) + (k / 32) * 4 * bb(), bits, static_cast<int>(n % 4), static_cast<int>(k % 32));
   if (layout == kPlaneLayout) {
     const uint32_t* p = oct_planes(n / 8) + (k / 32) * bits * 8 + n % 8;
     int q = 0;
@@ -104,7 +130,11 @@ inline int LayerView::level(int64_t n, int64_t k) const {
 }
 
 // ISA-specific entry points; each covers quads [q0, q1) and writes y[M, N].
-void q8_gemv_avx2(const LayerView& L, const QuantAct& A, int64_t M, float* y, int64_t q0, int64_t q1);
+// q8 path (dot layout): dot_expand_act_avx2 fills `xe` ([M, K/32, 4, 32] int8, 4K
+// bytes per row) with each row's activation bytes in dot-vector order.
+void dot_expand_act_avx2(const int8_t* xq, int64_t M, int64_t K, int8_t* xe);
+void q8_dot_gemv_avx2(const LayerView& L, const QuantAct& A, const int8_t* xe, int64_t M, float* y,
+                      int64_t q0, int64_t q1);
 // f32 path: y = sum_g s * sum(q'x) - s(z-off) * xs, xs the per-group sums of x.
 // f32_prepare_avx2 fills `xa` (f32_prep_floats floats) once per call with xs and,
 // for 2/3/4-bit, the power-of-two scaled (3-bit: permuted) copy of x the kernel

@@ -367,7 +367,8 @@ void packed_embedding(const at::Tensor& ids, const at::Tensor& qw, const at::Ten
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 1, "ids must be int64 [T]");
   check_float(out, "out");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == ids.numel(), "out must be [T, K]");
-  TORCH_CHECK(layout == kQuadLayout || (layout == kPlaneLayout && (bits == 2 || bits == 3)), "bad layout");
+  TORCH_CHECK(layout == kQuadLayout || layout == kDotLayout || (layout == kPlaneLayout && (bits == 2 || bits == 3)),
+              "bad layout");
   const int64_t K = out.size(1);
   TORCH_CHECK(group > 0 && K % group == 0 && K % 32 == 0, "group does not divide K");
   const LayerView L{qw.data_ptr<uint8_t>(), ss.data_ptr<float>(), K, N, bits, group, layout};

@@ -21,8 +21,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const 
                             const at::Tensor& seq_lens, int64_t window, double scale);
 
 // y[M, N] = x[M, K] @ W for a layer in a packed layout of qalora_layout.h
-// (layout 0 = quad, 1 = plane); mode 0 = int8-activation GEMV, 1 = exact fp32
-// GEMV, 2 = tiled GEMM.
+// (layout 0 = quad, 1 = plane, 2 = dot); mode 0 = int8-activation GEMV, 1 = exact
+// fp32 GEMV, 2 = tiled GEMM. Each layout has one GEMV (dot: int8, the others:
+// exact), which a GEMV request of either kind runs, except that an exact request
+// on a dot layer runs the (exact) GEMM.
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
                          int64_t group, int64_t N, int64_t mode, int64_t layout);
 

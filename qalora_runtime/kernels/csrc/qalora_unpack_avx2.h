@@ -9,26 +9,10 @@
 
 namespace qalora {
 
-static inline __m256i unpack2(const uint8_t* p) {
-  int64_t w;
-  std::memcpy(&w, p, 8);
-  // 64-bit lane l holds bytes shifted by 2*l: byte j of lane l = q[8*l + j].
-  const __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x(w), _mm256_set_epi64x(6, 4, 2, 0));
-  return _mm256_and_si256(v, _mm256_set1_epi8(0x03));
-}
-
-static inline __m256i unpack4(const uint8_t* p) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i v = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
-  return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-}
-
 // 3-bit quad-block (48 bytes = 4 columns x 32 levels, layout in qalora_layout.h) ->
 // the four columns' levels as bytes, columns 1 and 2 *scaled*: v[0] = q0,
-// v[1] = 8*q1, v[2] = 2*q2, v[3] = q3 (8 vector ops for 128 levels; unpack2 needs
-// 2 per 32 and unpack4 3). The scales are powers of two, so a caller multiplies
-// column 1's and 2's results by 1/8 and 1/2 exactly; maddubs stays far from int16
-// saturation (56*127*2 = 14224).
+// v[1] = 8*q1, v[2] = 2*q2, v[3] = q3 (8 vector ops for 128 levels). The scales
+// are powers of two, so the exact fp32 GEMV undoes them exactly.
 static inline void unpack3q_scaled(const uint8_t* p, __m256i v[4]) {
   const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
@@ -42,38 +26,36 @@ static inline void unpack3q_scaled(const uint8_t* p, __m256i v[4]) {
   v[3] = _mm256_and_si256(t, _mm256_set1_epi8(0x07));
 }
 
-// Exact 3-bit levels of a quad-block (gemm tile dequantization, not hot).
+// Exact 3-bit levels of a quad-block (gemm tile dequantization; the dot layout's V0..V3).
 static inline void unpack3q(const uint8_t* p, __m256i v[4]) {
   unpack3q_scaled(p, v);
   v[1] = _mm256_and_si256(_mm256_srli_epi16(v[1], 3), _mm256_set1_epi8(0x07));
   v[2] = _mm256_srli_epi16(v[2], 1);  // bits 1-3 only, so no bits cross bytes
 }
 
-static inline __m256i unpack8(const uint8_t* p) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
-
+// Dot-layout quad-block -> its four dot vectors V0..V3 of stored levels (qalora_layout.h).
 template <int BITS>
-static inline __m256i unpack(const uint8_t* p) {
-  if constexpr (BITS == 2) return unpack2(p);
-  else if constexpr (BITS == 4) return unpack4(p);
-  else return unpack8(p);
-}
-
-// Integer dot of 32 stored levels with 32 int8 activations -> 8 int32 partial sums.
-// maddubs multiplies unsigned x signed bytes; levels < 8 bits are unsigned and
-// small, so pair sums stay far below int16 saturation (15*127*2 = 3810). 8-bit
-// levels are signed (q-128): move the sign onto the activation (llama.cpp trick);
-// |q-128| <= 128 gives at most 128*127*2 = 32512 < 32767.
-template <int BITS>
-static inline __m256i dot_q8(__m256i w, __m256i xq) {
-  __m256i p;
+static inline void unpack_dot(const uint8_t* p, __m256i v[4]) {
   if constexpr (BITS == 8) {
-    p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w));
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * j));
+  } else if constexpr (BITS == 4) {
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h));
+      v[2 * h] = _mm256_and_si256(b, m);
+      v[2 * h + 1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    }
+  } else if constexpr (BITS == 2) {
+    const __m256i m = _mm256_set1_epi8(0x03);
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    v[0] = _mm256_and_si256(b, m);
+    v[1] = _mm256_and_si256(_mm256_srli_epi16(b, 2), m);
+    v[2] = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    v[3] = _mm256_and_si256(_mm256_srli_epi16(b, 6), m);
   } else {
-    p = _mm256_maddubs_epi16(w, xq);
+    static_assert(BITS == 3, "bits must be 2, 3, 4 or 8");
+    unpack3q(p, v);
   }
-  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
 // 32 stored levels (one unpacked block) -> four float vectors (elements 0-7, 8-15, ...).
