@@ -36,7 +36,7 @@ LAYOUT_QUAD, LAYOUT_PLANE, LAYOUT_DOT = 0, 1, 2
 LAYOUT_KEY = "layout"
 #: Smallest M that takes the tiled GEMM path, per layout (its GEMV decides the
 #: crossover; measured with ``qalora bench crossover``, see docs/BENCHMARKS.md).
-GEMM_MIN_M = {LAYOUT_QUAD: 3, LAYOUT_PLANE: 6, LAYOUT_DOT: 48}
+GEMM_MIN_M = {LAYOUT_QUAD: 3, LAYOUT_PLANE: 6, LAYOUT_DOT: 256}
 INT8_ACT_ENV = "QALORA_CPU_INT8_ACT"
 
 _ext = load_extension()

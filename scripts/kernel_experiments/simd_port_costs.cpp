@@ -2,7 +2,8 @@
 // mixed, in units of one multiply's throughput cost (vmulps runs on the FMA pipes) (so the numbers do not depend on
 // the TSC or the clock). Answers "which instructions compete for the same
 // execution pipes on this host", which decides whether a low-bit decode trick
-// can beat the 4-bit path (docs/BENCHMARKS.md, "Why the exact fp32 path ...").
+// can beat the 4-bit path (docs/BENCHMARKS.md, "Why the exact fp32 path ..."), and
+// why the q8 GEMV reduces four columns without vphaddw ("q8 GEMV on the dot layout").
 //
 //   g++ -O2 scripts/kernel_experiments/simd_port_costs.cpp -o /tmp/ports && /tmp/ports
 //
@@ -36,6 +37,8 @@ double ticks() {  // TSC ticks per loop iteration
     if constexpr (K == 7) asm volatile(R4("vcvtdq2ps %%ymm1, %%ymm2\n vcvtdq2ps %%ymm1, %%ymm3\n" MUL4 MUL4) ::: CLOBBER);  // 8 cvt + 32 MUL
     if constexpr (K == 8) asm volatile(R4(OP8("vpmaddwd ") MUL4 MUL4) ::: CLOBBER);  // 32 pmaddwd + 32 MUL
     if constexpr (K == 9) asm volatile(R4("vaddps %%ymm0, %%ymm1, %%ymm2\n vaddps %%ymm0, %%ymm1, %%ymm3\n vaddps %%ymm0, %%ymm1, %%ymm4\n vaddps %%ymm0, %%ymm1, %%ymm5\n" MUL4 MUL4) ::: CLOBBER);  // 16 add + 32 MUL
+    if constexpr (K == 10) asm volatile(R4(OP8("vphaddw ")) ::: CLOBBER);            // 32 horizontal int16 adds
+    if constexpr (K == 11) asm volatile(R4(OP8("vpaddw ")) ::: CLOBBER);             // 32 int16 adds
   }
   return static_cast<double>(__rdtsc() - t0) / n;
 }
@@ -48,6 +51,7 @@ int main() {
       {"vpmaddubsw (per op)", ticks<5>() / 32, 0},   {"32 vpermps + 32 MUL", ticks<6>(), 32},
       {"8 vcvtdq2ps + 32 MUL", ticks<7>(), 32},     {"32 vpmaddwd + 32 MUL", ticks<8>(), 32},
       {"16 vaddps + 32 MUL", ticks<9>(), 32},
+      {"vphaddw (per op)", ticks<10>() / 32, 0},     {"vpaddw (per op)", ticks<11>() / 32, 0},
   };
   std::printf("cost in multiply-throughput units (1 vmulps = 1.00, the FMA pipes; a mix costing more than its multiplies competes with them)\n");
   for (const Row& r : rows) {

@@ -193,15 +193,14 @@ def test_batch_equals_alone_fp32(fp32_model, prompt_ids, fp32_run) -> None:
 
 
 def test_batch_vs_alone_bf16(bf16_model, prompt_ids, bf16_run) -> None:
-    # bf16 is not bitwise batch-invariant: the fused kernel picks its strategy by row count
-    # (int8-activation GEMV below GEMM_MIN_M rows, exact dequantized GEMM from there), so a
-    # short prompt prefilled alone (int8 activations) and inside the batch (all prompts'
-    # rows: GEMM) is computed differently; and SDPA's reductions are blocked by key length,
-    # which padding to the batch's longest sequence changes. Decoded linears alone are
-    # row-independent (bit-identical). So greedy tokens may part, but only where the model
-    # is nearly tied, which is the property checked; the agreement is logged (measured with
-    # the GEMV up to 47 rows: 2/8 identical over 32 tokens, first differences at tokens 2-18,
-    # margins 0.01-0.29; with it up to 11 rows: 7/8, the other at 0.1).
+    # bf16 need not be bitwise batch-invariant: the fused kernel picks its strategy by row
+    # count (int8-activation GEMV below GEMM_MIN_M rows, exact dequantized GEMM from there),
+    # so a prompt prefilled alone and inside a large batch can be computed differently; and
+    # SDPA's reductions are blocked by key length, which padding to the batch's longest
+    # sequence changes. The int8 GEMV itself is row-independent. So greedy tokens may part,
+    # but only where the model is nearly tied. Measured: with the GEMV up to 255 rows (these
+    # 8 prompts batched stay below it) 8/8 identical over 32 tokens; with it up to 11 rows
+    # 7/8, the other parting at a margin of 0.1; up to 47 rows 2/8, margins 0.01-0.29.
     model, cfg, _ = bf16_model
     n = DECODE_STEPS
     batch = bf16_run[0]
@@ -214,6 +213,7 @@ def test_batch_vs_alone_bf16(bf16_model, prompt_ids, bf16_run) -> None:
     log.warning("bf16 batched vs alone (%d tokens): %d/%d identical; (first difference, margin): %s",
                 n, report.count(None), len(report), report)
     assert all(r[1] < 0.5 for r in report if r is not None), report
+    assert report.count(None) >= len(report) // 2, report
 
 
 def test_memory_stays_packed(bf16_model, smollm2_dir) -> None:

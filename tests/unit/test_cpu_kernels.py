@@ -268,3 +268,29 @@ def test_build_dir_is_keyed_by_the_sources(tmp_path, monkeypatch) -> None:
     assert before == cpu_fused_build.build_dir()  # deterministic
     (copy / "qalora_layout.h").write_text((copy / "qalora_layout.h").read_text() + "\n// changed\n")
     assert cpu_fused_build.build_dir() != before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["model.layers.0.mlp.down_proj", "model.layers.29.self_attn.q_proj",
+                                    "model.embed_tokens"])
+def test_real_smollm2_layers(smollm2_dir, module: str) -> None:
+    """Real SmolLM2 layers (4-bit g32 from Q4_1; the 8-bit g32 tied embedding/head from Q8_0, first
+    256 vocabulary columns) on both layouts and every path, against the float64 reference."""
+    from qalora_runtime.formats.checkpoint import MergedCheckpoint
+
+    layer = MergedCheckpoint(smollm2_dir).quantized(module)
+    spec = layer.spec
+    cols = min(256, layer.out_features)
+    qweight, scales, zeros = (t[:, :cols].contiguous() for t in (layer.qweight, layer.scales, layer.zeros))
+    w = dequantize(qweight, scales, zeros, spec, torch.float64)
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(4))
+    ref = x.to(torch.float64) @ w
+    for code, pack in ((cpu_fused.LAYOUT_QUAD, cpu_fused.repack), (cpu_fused.LAYOUT_DOT, cpu_fused.repack_dot)):
+        qw, ss = pack(qweight, scales, zeros, spec)
+        for mode in ("f32", "gemm"):
+            y = cpu_fused.fused_linear(x, qw, ss, spec, cols, mode=MODES[mode], layout=code)
+            assert rel_err(y, ref) < 1e-5, (spec.bits, code, mode)
+    qw, ss = cpu_fused.repack_dot(qweight, scales, zeros, spec)
+    y = cpu_fused.fused_linear(x, qw, ss, spec, cols, mode=MODES["q8"], layout=cpu_fused.LAYOUT_DOT)
+    assert rel_err(y, int8_activations(x) @ w) < 1e-5
+    assert rel_err(y, ref) < 3e-2

@@ -94,9 +94,12 @@ void q8_dot_quad(const LayerView& L, int64_t nq, const QuantAct& A, const int8_t
 template <int BITS>
 void q8_dot_range(const LayerView& L, const QuantAct& A, const int8_t* xe, int64_t M, float* y, int64_t q0,
                   int64_t q1) {
-  // Rows go two at a time: each quad-block is unpacked once for both.
+  // Rows go four (8-bit: two) at a time, each quad-block unpacked once for all of
+  // them: 5-12% faster than pairs at M = 4-16 for 4-bit; 8-bit runs out of registers.
   for (int64_t nq = q0; nq < q1; ++nq) {
     int64_t m = 0;
+    if constexpr (BITS != 8)
+      for (; m + 4 <= M; m += 4) q8_dot_quad<BITS, 4>(L, nq, A, xe, m, y);
     for (; m + 2 <= M; m += 2) q8_dot_quad<BITS, 2>(L, nq, A, xe, m, y);
     if (m < M) q8_dot_quad<BITS, 1>(L, nq, A, xe, m, y);
   }

@@ -1,0 +1,58 @@
+"""Prefill time of one prompt on the default model per value of cpu_fused's GEMV/GEMM switch.
+
+    .venv/bin/python scripts/bench_prefill_switch.py --values 48 256 100000 [--dtype bfloat16]
+
+For each prompt length, one ``ModelRunner`` prefills the same prompt with
+``GEMM_MIN_M`` of the model's layout set to each value in turn (alternating,
+``--repeats`` rounds, one process), and the table shows the best time per value.
+A value above the prompt length means the prompt runs the layout's GEMV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from qalora_runtime.engine.simple_generate import blocks_needed
+from qalora_runtime.formats.default_model import ensure_default_model
+from qalora_runtime.kernels import cpu_fused
+from qalora_runtime.models.loader import load_model
+from qalora_runtime.quant.spec import QuantSpec
+from qalora_runtime.worker.kv_cache import KVCache
+from qalora_runtime.worker.model_runner import ModelRunner, SequenceInput
+
+BLOCK = 16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--values", type=int, nargs="+", required=True, help="GEMM_MIN_M values to compare")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="prompt tokens")
+    parser.add_argument("--repeats", type=int, default=4, help="alternating rounds (best is reported)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = parser.parse_args()
+    model, cfg = load_model(ensure_default_model(), args.dtype)
+    # The default model's linears are 4-bit: the layout they get for this dtype.
+    key = cpu_fused.layout_for(QuantSpec(4, 32), model.dtype)
+    kept = cpu_fused.GEMM_MIN_M[key]
+    print("| prompt tokens | " + " | ".join(f"GEMM_MIN_M {v}" for v in args.values) + " |")
+    print("|---|" + "---|" * len(args.values))
+    try:
+        for n in args.lengths:
+            ids = [(i * 7919) % 40000 + 100 for i in range(n)]  # arbitrary in-vocabulary tokens
+            table = list(range(blocks_needed(n + 1, BLOCK)))
+            runner = ModelRunner(model, KVCache.for_model(cfg, len(table), BLOCK, model.dtype), BLOCK)
+            best = {v: float("inf") for v in args.values}
+            for _ in range(args.repeats):
+                for v in args.values:
+                    cpu_fused.GEMM_MIN_M[key] = v
+                    start = time.perf_counter()
+                    runner.execute([SequenceInput(ids, 0, table)])
+                    best[v] = min(best[v], time.perf_counter() - start)
+            print(f"| {n} | " + " | ".join(f"{best[v] * 1e3:.1f} ms" for v in args.values) + " |", flush=True)
+    finally:
+        cpu_fused.GEMM_MIN_M[key] = kept
+
+
+if __name__ == "__main__":
+    main()
