@@ -100,22 +100,16 @@ def repack(
     return _pack_blocks(blocks, spec.bits).contiguous().reshape(-1), ss
 
 
-def _dot_order() -> tuple[torch.Tensor, torch.Tensor]:
-    """(column, input) of byte ``p`` of dot vector ``j``, as ``[4, 32]`` index tensors (qalora_layout.h)."""
-    j = torch.arange(4).unsqueeze(1)
-    p = torch.arange(32).unsqueeze(0)
-    column = ((p // 4) % 4).expand(4, 32)
-    inputs = 8 * j + 4 * (p // 16) + p % 4
-    return column, inputs
-
-
 def repack_dot(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ layer -> dot layout (``qw`` uint8, ``ss`` fp32 as in ``repack``), for the int8-activation GEMV."""
     blocks, ss = _quad_blocks(qweight, scales, zeros, spec)
-    column, inputs = _dot_order()
-    v = blocks[..., column, inputs].to(torch.int32)  # [Q, KB, 4 vectors, 32 bytes]
+    # Byte p = 16*h + 4*c + r of vector j is column c at input 8j + 4h + r: split the
+    # inputs as (j, h, r) and move the column between h and r (a permuted copy, no gather).
+    q, kb = blocks.shape[:2]
+    # Levels fit a byte and every packed byte below stays < 256: work in uint8 (4x less to copy).
+    v = blocks.to(torch.uint8).unflatten(-1, (4, 2, 4)).permute(0, 1, 3, 4, 2, 5).reshape(q, kb, 4, 32)
     if spec.bits == 3:
         packed = _pack_quad3(v)  # the vectors in place of the columns
     elif spec.bits == 4:
@@ -124,7 +118,7 @@ def repack_dot(
         packed = v[..., 0, :] | (v[..., 1, :] << 2) | (v[..., 2, :] << 4) | (v[..., 3, :] << 6)
     else:
         packed = (v ^ 0x80).flatten(-2)
-    return packed.to(torch.uint8).contiguous().reshape(-1), ss
+    return packed.contiguous().reshape(-1), ss
 
 
 def repack_planes(
