@@ -110,8 +110,8 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     for (int64_t m = 0; m < M; ++m)
       qalora::quantize_act_avx2(xp + m * K, K, group, xqp + m * K, dxp + m * (K / 32), xsp + m * G);
     qalora::dot_expand_act_avx2(xqp, M, K, xep);
-    const qalora::QuantAct A{xqp, dxp, xsp};
-    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::q8_dot_gemv_avx2(L, A, xep, M, yp, b, e); });
+    const qalora::QuantAct A{xep, dxp, xsp};
+    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::q8_dot_gemv_avx2(L, A, M, yp, b, e); });
   } else {
     // Per-group sums of x (zero-point term) or a permuted x (3-bit), by the kernel's rules.
     at::Tensor xa = at::empty({qalora::f32_prep_floats(L, M)}, xf.options());

@@ -78,7 +78,7 @@ struct LayerView {
 
 // Activations quantized to int8 per 32-block (llama.cpp Q8_0 style) for the q8 path.
 struct QuantAct {
-  const int8_t* xq;  // [M, K]
+  const int8_t* xe;  // [M, K/32, 4, 32]: each row's int8 bytes in dot-vector order (4K per row)
   const float* dx;   // [M, K/32] block scales
   const float* xs;   // [M, K/G] per-group sums of the *quantized* x (so the zero
                      // term's error cancels against the dot term's, see gemv)
@@ -133,8 +133,7 @@ inline int LayerView::level(int64_t n, int64_t k) const {
 // q8 path (dot layout): dot_expand_act_avx2 fills `xe` ([M, K/32, 4, 32] int8, 4K
 // bytes per row) with each row's activation bytes in dot-vector order.
 void dot_expand_act_avx2(const int8_t* xq, int64_t M, int64_t K, int8_t* xe);
-void q8_dot_gemv_avx2(const LayerView& L, const QuantAct& A, const int8_t* xe, int64_t M, float* y,
-                      int64_t q0, int64_t q1);
+void q8_dot_gemv_avx2(const LayerView& L, const QuantAct& A, int64_t M, float* y, int64_t q0, int64_t q1);
 // f32 path: y = sum_g s * sum(q'x) - s(z-off) * xs, xs the per-group sums of x.
 // f32_prepare_avx2 fills `xa` (f32_prep_floats floats) once per call with xs and,
 // for 2/3/4-bit, the power-of-two scaled (3-bit: permuted) copy of x the kernel
