@@ -30,7 +30,10 @@ from .cpu_fused_build import load_extension
 from .cpu_fused_pack import repack, repack_dot, repack_planes
 from .registry import LinearKernel, register_kernel
 
-MODE_Q8, MODE_F32, MODE_GEMM = 0, 1, 2
+MODE_Q8, MODE_F32, MODE_GEMM, MODE_DENSE = 0, 1, 2, 3
+#: Kernel instruction-set levels (``isa=``): the C++ side runs the best one the CPU
+#: has unless told a lower one here or capped by ``QALORA_CPU_ISA``.
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 LAYOUT_QUAD, LAYOUT_PLANE, LAYOUT_DOT = 0, 1, 2
 #: Key of a prepared layer's zero-byte tensor whose first dimension is its layout (absent: quad).
 LAYOUT_KEY = "layout"
@@ -56,15 +59,29 @@ def fused_linear(
     spec: QuantSpec,
     out_features: int,
     mode: int | None = None,
-    allow_simd: bool = True,
+    isa: str | None = None,
     layout: int = LAYOUT_QUAD,
 ) -> torch.Tensor:
-    """``x[M, K]`` (fp32/bf16) -> ``y[M, N]`` in x's dtype; ``mode`` None picks by M and dtype."""
+    """``x[M, K]`` (fp32/bf16) -> ``y[M, N]`` in x's dtype; ``mode`` None picks by M and dtype.
+
+    ``isa`` (a key of ``ISAS``) forces an instruction-set level at or below the
+    CPU's (tests and A/B benchmarks); None runs the best one.
+    """
     if _ext is None:
         raise RuntimeError("qalora cpu_fused extension is not available")
+    if isa is not None and isa not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
     if mode is None:
         mode = choose_mode(x.shape[0], layout)
-    return _ext.linear(x, qw, ss, spec.bits, spec.group_size, out_features, mode, allow_simd, layout)
+    return _ext.linear(x, qw, ss, spec.bits, spec.group_size, out_features, mode,
+                       -1 if isa is None else ISAS[isa], layout)
+
+
+def supported_isas() -> list[str]:
+    """The instruction-set levels this CPU runs, lowest first (empty without the extension)."""
+    if _ext is None:
+        return []
+    return [name for name, level in ISAS.items() if level <= _ext.isa_supported()]
 
 
 def uses_plane_layout(spec: QuantSpec, dtype: torch.dtype) -> bool:
@@ -150,7 +167,7 @@ class CpuFusedKernel(LinearKernel):
         if x.dim() == 2:  # the model's case: call straight through (runs ~120 times per token)
             layout = layout_of(weights)
             return _ext.linear(x, weights["qw"], weights["ss"], spec.bits, spec.group_size, n,
-                               choose_mode(x.shape[0], layout), True, layout)
+                               choose_mode(x.shape[0], layout), -1, layout)
         lead = x.shape[:-1]
         y = fused_linear(x.reshape(-1, x.shape[-1]), weights["qw"], weights["ss"], spec, n,
                          layout=layout_of(weights))

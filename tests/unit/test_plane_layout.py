@@ -37,15 +37,17 @@ def plane_layer(request):
     return spec, n, weights, dequantize(qweight, scales, zeros, spec, torch.float64)
 
 
+@pytest.mark.parametrize("isa", [isa for isa in cpu_fused.supported_isas() if isa != "scalar"])
 @pytest.mark.parametrize("m", [1, 2, 3, 7])
-@pytest.mark.parametrize("mode", ["f32", "gemm", "q8"])
-def test_plane_paths_are_exact(plane_layer, mode: str, m: int) -> None:
+@pytest.mark.parametrize("mode", ["f32", "gemm", "q8", "dense"])
+def test_plane_paths_are_exact(plane_layer, mode: str, m: int, isa: str) -> None:
     spec, n, weights, w_ref = plane_layer
     assert cpu_fused.layout_of(weights) == cpu_fused.LAYOUT_PLANE
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m))
     # A q8 request on the plane layout runs the exact plane GEMV (the layout has no int8 path).
-    modes = {"f32": cpu_fused.MODE_F32, "gemm": cpu_fused.MODE_GEMM, "q8": cpu_fused.MODE_Q8}
-    y = cpu_fused.fused_linear(x, weights["qw"], weights["ss"], spec, n, mode=modes[mode],
+    modes = {"f32": cpu_fused.MODE_F32, "gemm": cpu_fused.MODE_GEMM, "q8": cpu_fused.MODE_Q8,
+             "dense": cpu_fused.MODE_DENSE}
+    y = cpu_fused.fused_linear(x, weights["qw"], weights["ss"], spec, n, mode=modes[mode], isa=isa,
                                layout=cpu_fused.LAYOUT_PLANE)
     assert y.shape == (m, n)
     assert _rel_err(y, x.double() @ w_ref) < 1e-5
@@ -55,7 +57,7 @@ def test_plane_scalar_fallback_and_kernel_forward(plane_layer) -> None:
     spec, n, weights, w_ref = plane_layer
     x = torch.randn(3, K)
     ref = x.double() @ w_ref
-    y = cpu_fused.fused_linear(x, weights["qw"], weights["ss"], spec, n, allow_simd=False,
+    y = cpu_fused.fused_linear(x, weights["qw"], weights["ss"], spec, n, isa="scalar",
                                layout=cpu_fused.LAYOUT_PLANE)
     assert _rel_err(y, ref) < 1e-5
     y2 = cpu_fused.CpuFusedKernel().forward(x.reshape(3, 1, K), weights, spec)  # leading dims

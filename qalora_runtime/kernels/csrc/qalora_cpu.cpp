@@ -1,10 +1,13 @@
 // Torch bindings for the qalora CPU fused kernels: argument checks, activation
 // preparation, runtime ISA dispatch and at::parallel_for over output quads.
-// The SIMD translation units are compiled for AVX2 via `#pragma GCC target` and
-// only entered after cpu_has_avx2(); everything here is baseline x86-64.
+// The SIMD translation units are compiled for AVX2 or AVX-512 via `#pragma GCC
+// target` and only entered after cpu_has_avx2() / cpu_has_avx512(); everything
+// here is baseline x86-64.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "qalora_layout.h"
@@ -15,6 +18,31 @@ namespace qalora {
 bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
+}
+
+bool cpu_has_avx512() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+int64_t cpu_isa_supported() {
+  return cpu_has_avx512() ? kIsaAvx512 : cpu_has_avx2() ? kIsaAvx2 : kIsaScalar;
+}
+
+// The best supported level, capped by QALORA_CPU_ISA (scalar | avx2 | avx512), read
+// once: a debugging and A/B switch, not a tuning knob.
+int64_t cpu_isa() {
+  static const int64_t isa = [] {
+    const int64_t best = cpu_isa_supported();
+    const char* env = std::getenv("QALORA_CPU_ISA");
+    if (env == nullptr || *env == '\0') return best;
+    const std::string name(env);
+    const int64_t cap = name == "scalar" ? kIsaScalar : name == "avx2" ? kIsaAvx2 : name == "avx512" ? kIsaAvx512 : -1;
+    TORCH_CHECK(cap >= 0, "QALORA_CPU_ISA must be scalar, avx2 or avx512, got '", name, "'");
+    return cap < best ? cap : best;
+  }();
+  return isa;
 }
 
 // Exact scalar path: per-element dequantize and fp32 accumulate (any CPU, any layout).
@@ -35,7 +63,7 @@ void f32_gemv_scalar(const LayerView& L, const float* x, int64_t M, float* y, in
 
 namespace {
 
-enum Mode : int64_t { kQ8 = 0, kF32 = 1, kGemm = 2 };
+enum Mode : int64_t { kQ8 = 0, kF32 = 1, kGemm = 2, kDense = 3 };
 
 // dtype conversions by hand: at decode sizes Tensor::to() costs more in dispatch
 // and allocation (~6 us per call, measured) than the conversion itself.
@@ -57,12 +85,23 @@ at::Tensor from_f32(const at::Tensor& y, at::ScalarType dtype) {
   return out;
 }
 
+// The dense weight of the kDense path, one per thread and dtype, grown to the
+// largest layer seen: a fresh multi-MB allocation per call would pay its page
+// faults every time (torch's CPU allocator does not cache).
+at::Tensor& dense_scratch(int64_t numel, at::ScalarType dtype) {
+  thread_local at::Tensor f32, bf16;
+  at::Tensor& t = dtype == at::kFloat ? f32 : bf16;
+  if (!t.defined() || t.numel() < numel) t = at::empty({numel}, at::TensorOptions().dtype(dtype));
+  return t;
+}
+
 at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
-                         int64_t group, int64_t N, int64_t mode, bool allow_simd, int64_t layout) {
+                         int64_t group, int64_t N, int64_t mode, int64_t isa, int64_t layout) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "x must be float32 or bfloat16");
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
+  TORCH_CHECK(mode >= kQ8 && mode <= kDense, "mode must be 0 (q8), 1 (f32), 2 (gemm) or 3 (dense)");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "bad group size for K");
   TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous(), "qw must be contiguous uint8");
@@ -70,13 +109,29 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
   TORCH_CHECK(layout == qalora::kQuadLayout || layout == qalora::kDotLayout ||
                   (layout == qalora::kPlaneLayout && (bits == 2 || bits == 3)),
               "layout must be 0 (quad), 1 (plane, 2/3-bit only) or 2 (dot)");
+  if (isa < 0) isa = qalora::cpu_isa();
+  TORCH_CHECK(isa <= qalora::cpu_isa_supported(), "isa ", isa, " is not supported by this CPU (best: ",
+              qalora::cpu_isa_supported(), ")");
   const qalora::LayerView L{qw.data_ptr<uint8_t>(), ss.data_ptr<float>(), K, N, bits, group, layout};
   TORCH_CHECK(qw.numel() == L.qw_bytes(), "qw size does not match K, N, bits and layout");
   TORCH_CHECK(ss.numel() == L.ss_floats(), "ss size does not match K, N, group and layout");
   const int64_t quads = L.quads();
+  const bool simd = isa >= qalora::kIsaAvx2;
+
+  if (simd && mode == kDense) {
+    // Dequantize W^T once in x's dtype (bf16 rounded, fp32 exact) and let ATen's
+    // GEMM (oneDNN / MKL, AMX tiles where the CPU has them) do the multiply.
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    at::Tensor w = dense_scratch(N * K, x.scalar_type()).narrow(0, 0, N * K).view({N, K});
+    void* wp = w.data_ptr();
+    at::parallel_for(0, quads, qalora::kGemmQuads, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);
+      qalora::dequant_dense_avx2(L, wp, bf16, b, e, buf.data());
+    });
+    return at::linear(x.contiguous(), w);
+  }
 
   const at::Tensor xf = to_f32(x);
-  const bool simd = allow_simd && qalora::cpu_has_avx2();
   // Each layout has one GEMV: quad and plane the exact fp32 one, dot the q8 one.
   // A GEMV request of the other kind runs the layout's own, except an exact
   // request on a dot layer, which takes the (exact) tiled GEMM.
@@ -93,6 +148,12 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
       std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);
       qalora::f32_gemm_avx2(L, xp, M, yp, b, e, buf.data());
     });
+  } else if (layout == qalora::kPlaneLayout && isa >= qalora::kIsaAvx512) {
+    at::Tensor prep = at::empty({qalora::plane_prep_floats_avx512(L, M)}, xf.options());
+    float* pp = prep.data_ptr<float>();
+    qalora::plane_prepare_avx512(L, xp, M, pp);
+    at::parallel_for(0, (L.octs() + 1) / 2, 2,
+                     [&](int64_t b, int64_t e) { qalora::plane_gemv_avx512(L, pp, M, yp, b, e); });
   } else if (layout == qalora::kPlaneLayout) {
     at::Tensor prep = at::empty({qalora::plane_prep_floats(L, M)}, xf.options());
     float* pp = prep.data_ptr<float>();
@@ -109,15 +170,24 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     float* xsp = xs.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m)
       qalora::quantize_act_avx2(xp + m * K, K, group, xqp + m * K, dxp + m * (K / 32), xsp + m * G);
-    qalora::dot_expand_act_avx2(xqp, M, K, xep);
+    const bool vnni = isa >= qalora::kIsaAvx512;
+    if (vnni) qalora::dot_expand_act_avx512(xqp, M, K, bits, xep);
+    else qalora::dot_expand_act_avx2(xqp, M, K, xep);
     const qalora::QuantAct A{xep, dxp, xsp};
-    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::q8_dot_gemv_avx2(L, A, M, yp, b, e); });
+    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) {
+      if (vnni) qalora::q8_dot_gemv_avx512(L, A, M, yp, b, e);
+      else qalora::q8_dot_gemv_avx2(L, A, M, yp, b, e);
+    });
   } else {
     // Per-group sums of x (zero-point term) or a permuted x (3-bit), by the kernel's rules.
     at::Tensor xa = at::empty({qalora::f32_prep_floats(L, M)}, xf.options());
     float* xap = xa.data_ptr<float>();
     qalora::f32_prepare_avx2(L, xp, M, xap);
-    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) { qalora::f32_gemv_avx2(L, xp, xap, M, yp, b, e); });
+    const bool wide = isa >= qalora::kIsaAvx512 && (bits == 4 || bits == 8);
+    at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) {
+      if (wide) qalora::f32_gemv_avx512(L, xp, xap, M, yp, b, e);
+      else qalora::f32_gemv_avx2(L, xp, xap, M, yp, b, e);
+    });
   }
   return x.scalar_type() == at::kFloat ? y : from_f32(y, x.scalar_type());
 }
@@ -128,7 +198,7 @@ namespace qalora {
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
                          int64_t group, int64_t N, int64_t mode, int64_t layout) {
-  return qalora_linear(x, qw, ss, bits, group, N, mode, true, layout);
+  return qalora_linear(x, qw, ss, bits, group, N, mode, -1, layout);
 }
 
 }  // namespace qalora
@@ -139,9 +209,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // event loop keeps streaming and accepting requests while the engine thread
   // computes a step. The few-microsecond ops keep it: a release costs about as much.
   using release_gil = py::call_guard<py::gil_scoped_release>;
-  m.def("linear", &qalora_linear, "y = x @ W for a packed layer (layout 0: quad, 1: plane, 2: dot)",
+  m.def("linear", &qalora_linear,
+        "y = x @ W for a packed layer (layout 0: quad, 1: plane, 2: dot; isa -1: best, 0: scalar, "
+        "1: avx2, 2: avx512)",
         py::arg("x"), py::arg("qw"), py::arg("ss"), py::arg("bits"), py::arg("group"), py::arg("N"),
-        py::arg("mode"), py::arg("allow_simd") = true, py::arg("layout") = 0, release_gil());
+        py::arg("mode"), py::arg("isa") = -1, py::arg("layout") = 0, release_gil());
   m.def("rms_norm", &qalora::rms_norm, "(residual += x) then RMSNorm, one pass", py::arg("x"),
         py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("silu_mul", &qalora::silu_mul, "silu(gate) * up of a fused gate_up projection", py::arg("gate_up"));
@@ -155,4 +227,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("layout") = 0);
   qalora::register_fused_decoder(m);
   m.def("has_avx2", &qalora::cpu_has_avx2, "whether the AVX2/FMA paths can run on this CPU");
+  m.def("isa_supported", &qalora::cpu_isa_supported, "best kernel ISA level of this CPU (0 scalar, 1 avx2, 2 avx512)");
+  m.def("isa", &qalora::cpu_isa, "the ISA level the kernels use (isa_supported capped by QALORA_CPU_ISA)");
 }

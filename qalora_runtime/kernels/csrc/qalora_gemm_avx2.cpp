@@ -129,6 +129,26 @@ void micro(const float* x, int64_t ldx, const float* w, int64_t kc, float* y, in
   }
 }
 
+// Round-to-nearest-even fp32 -> bf16 of 8 lanes (finite inputs: dequantized weights).
+static inline __m128i to_bf16(__m256 v) {
+  const __m256i i = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(i, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
+template <int BITS>
+void dequant_tile_any(const LayerView& L, int64_t qt, int64_t nquads, int64_t k0, int64_t kc, float* buf) {
+  if (L.layout == kDotLayout) {
+    dequant_tile_dot<BITS>(L, qt, nquads, k0, kc, buf);
+  } else if constexpr (BITS == 2 || BITS == 3) {
+    if (L.layout == kPlaneLayout) dequant_tile_plane<BITS>(L, qt, nquads, k0, kc, buf);
+    else dequant_tile<BITS>(L, qt, nquads, k0, kc, buf);
+  } else {
+    dequant_tile<BITS>(L, qt, nquads, k0, kc, buf);
+  }
+}
+
 template <int BITS>
 void gemm_range(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1, float* buf) {
   const int64_t K = L.K;
@@ -136,14 +156,7 @@ void gemm_range(const LayerView& L, const float* x, int64_t M, float* y, int64_t
     const int64_t nquads = q1 - qt < kGemmQuads ? q1 - qt : kGemmQuads;
     for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
       const int64_t kc = K - k0 < kGemmKC ? K - k0 : kGemmKC;
-      if (L.layout == kDotLayout) {
-        dequant_tile_dot<BITS>(L, qt, nquads, k0, kc, buf);
-      } else if constexpr (BITS == 2 || BITS == 3) {
-        if (L.layout == kPlaneLayout) dequant_tile_plane<BITS>(L, qt, nquads, k0, kc, buf);
-        else dequant_tile<BITS>(L, qt, nquads, k0, kc, buf);
-      } else {
-        dequant_tile<BITS>(L, qt, nquads, k0, kc, buf);
-      }
+      dequant_tile_any<BITS>(L, qt, nquads, k0, kc, buf);
       int64_t m = 0;
       for (; m + 3 <= M; m += 3) {
         for (int64_t qi = 0; qi < nquads; ++qi) {
@@ -161,7 +174,41 @@ void gemm_range(const LayerView& L, const float* x, int64_t M, float* y, int64_t
   }
 }
 
+template <int BITS>
+void dense_range(const LayerView& L, void* out, bool bf16, int64_t q0, int64_t q1, float* buf) {
+  const int64_t K = L.K;
+  for (int64_t qt = q0; qt < q1; qt += kGemmQuads) {
+    const int64_t nquads = q1 - qt < kGemmQuads ? q1 - qt : kGemmQuads;
+    const int64_t ncols = (L.N - qt * 4 < nquads * 4 ? L.N - qt * 4 : nquads * 4);
+    for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
+      const int64_t kc = K - k0 < kGemmKC ? K - k0 : kGemmKC;
+      dequant_tile_any<BITS>(L, qt, nquads, k0, kc, buf);
+      for (int64_t c = 0; c < ncols; ++c) {
+        const float* src = buf + c * kGemmKC;
+        const int64_t row = (qt * 4 + c) * K + k0;
+        if (bf16) {
+          uint16_t* dst = static_cast<uint16_t*>(out) + row;
+          for (int64_t k = 0; k < kc; k += 8)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), to_bf16(_mm256_loadu_ps(src + k)));
+        } else {
+          float* dst = static_cast<float*>(out) + row;
+          for (int64_t k = 0; k < kc; k += 8) _mm256_storeu_ps(dst + k, _mm256_loadu_ps(src + k));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void dequant_dense_avx2(const LayerView& L, void* out, bool bf16, int64_t q0, int64_t q1, float* buf) {
+  switch (L.bits) {
+    case 2: dense_range<2>(L, out, bf16, q0, q1, buf); break;
+    case 3: dense_range<3>(L, out, bf16, q0, q1, buf); break;
+    case 4: dense_range<4>(L, out, bf16, q0, q1, buf); break;
+    default: dense_range<8>(L, out, bf16, q0, q1, buf); break;
+  }
+}
 
 void f32_gemm_avx2(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1,
                    float* buf) {

@@ -41,6 +41,8 @@
 namespace qalora {
 
 enum Layout : int64_t { kQuadLayout = 0, kPlaneLayout = 1, kDotLayout = 2 };
+// Instruction-set levels of the kernels (cpu_isa() in qalora_cpu.cpp picks one).
+enum Isa : int64_t { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 
 struct LayerView {
   const uint8_t* qw;
@@ -150,8 +152,30 @@ constexpr int64_t kGemmQuads = 16;
 constexpr int64_t kGemmKC = 512;
 void f32_gemm_avx2(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1,
                    float* buf);
+// Large-M path that hands the multiply to ATen (oneDNN/MKL, AMX where present):
+// W^T [N, K] (row n = output feature n) dequantized exactly in fp32, or rounded to
+// bf16 (round to nearest even), for quads [q0, q1). `buf` as for f32_gemm_avx2.
+void dequant_dense_avx2(const LayerView& L, void* out, bool bf16, int64_t q0, int64_t q1, float* buf);
 void quantize_act_avx2(const float* x, int64_t K, int64_t group, int8_t* xq, float* dx, float* xs);
 bool cpu_has_avx2();
+
+// AVX-512 (F, BW, VL, DQ, VNNI) kernels, qalora_*_avx512.cpp; same contracts as the
+// AVX2 ones they replace on such CPUs.
+bool cpu_has_avx512();
+int64_t cpu_isa_supported();  // the best level this CPU runs
+int64_t cpu_isa();            // that, capped by QALORA_CPU_ISA
+// Exact fp32 GEMV over the quad layout, 4- and 8-bit layers (f32_prepare_avx2's xa).
+void f32_gemv_avx512(const LayerView& L, const float* x, const float* xa, int64_t M, float* y,
+                     int64_t q0, int64_t q1);
+// VNNI q8 GEMV (dot layout) over quads [q0, q1); its activations are expanded by
+// dot_expand_act_avx512 (a different vector order from the AVX2 expansion).
+void dot_expand_act_avx512(const int8_t* xq, int64_t M, int64_t K, int64_t bits, int8_t* xe);
+void q8_dot_gemv_avx512(const LayerView& L, const QuantAct& A, int64_t M, float* y, int64_t q0, int64_t q1);
+// Plane layout GEMV (exact fp32, 2/3-bit) over oct *pairs* [p0, p1) (octs 2p, 2p+1),
+// with its own prepared tables: 16-entry subset sums of every 4 inputs.
+int64_t plane_prep_floats_avx512(const LayerView& L, int64_t M);
+void plane_prepare_avx512(const LayerView& L, const float* x, int64_t M, float* prep);
+void plane_gemv_avx512(const LayerView& L, const float* prep, int64_t M, float* y, int64_t p0, int64_t p1);
 
 // Exact scalar path for any layout and CPU: output columns [n0, n1).
 void f32_gemv_scalar(const LayerView& L, const float* x, int64_t M, float* y, int64_t n0, int64_t n1);
