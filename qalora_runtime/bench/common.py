@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 import torch
@@ -94,6 +95,25 @@ def pool_size(layer_bytes: int, pool_mib: float) -> int:
     return max(1, math.ceil(pool_mib * 2**20 / max(layer_bytes, 1)))
 
 
+def l3_cache_mib() -> float | None:
+    """The largest CPU cache's size in MiB from Linux sysfs (None where it cannot be read)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}.get(text[-1:], None)
+        try:
+            sizes.append(float(text[:-1]) * scale if scale else float(text) / 2**20)
+        except ValueError:
+            continue
+    return max(sizes) if sizes else None
+
+
+def default_pool_mib() -> float:
+    """Bytes to cycle through per timing: 3x the last-level cache (at least 96 MiB), so weights stream from DRAM."""
+    l3 = l3_cache_mib()
+    return max(96.0, 3 * l3) if l3 else 96.0
+
+
 def add_layer_options(p: argparse.ArgumentParser, shapes: str, dtypes: str, threads: int) -> None:
     """The options every kernel bench shares: layer shapes, group size, activation dtypes, pool size, threads."""
     p.add_argument("--shapes", type=csv_list(kxn_shape, "KxN shapes"), default=shapes,
@@ -101,7 +121,8 @@ def add_layer_options(p: argparse.ArgumentParser, shapes: str, dtypes: str, thre
     p.add_argument("--group", type=int, default=32, help="quantization group size")
     p.add_argument("--dtype", type=csv_list(dtype_name, "dtypes"), default=dtypes,
                    help=f"activation dtypes ({', '.join(DTYPES)})")
-    p.add_argument("--pool-mib", type=float, default=96.0, help="bytes cycled per timing (> L3)")
+    p.add_argument("--pool-mib", type=float, default=default_pool_mib(),
+                   help="MiB of distinct layers cycled per timing (default: 3x this CPU's L3, >= 96)")
     p.add_argument("--threads", type=int, default=threads, help="torch threads (0: leave as is)")
 
 

@@ -1,12 +1,14 @@
-"""``qalora bench crossover``: where the CPU fused kernel's tiled GEMM starts to beat its GEMV.
+"""``qalora bench crossover``: where the CPU fused kernel's large-M paths start to beat its GEMV.
 
 ``cpu_fused`` runs small M as a GEMV (``q8`` for bf16 activations, exact ``f32``
-for fp32) and large M as a tiled dequantize-and-multiply GEMM; ``GEMM_MIN_M`` in
-``kernels/cpu_fused.py`` is the switch point. This bench times both strategies
-on the same layers (a pool larger than L3, as in ``qalora bench kernels``) for
-every M in ``--m`` and prints, per shape, bit width and dtype, the smallest M
-from which the GEMM is faster at every larger M measured, next to the value
-the dispatcher uses.
+for fp32) and large M either as its own tiled dequantize-and-multiply GEMM
+(``gemm``) or by dequantizing the layer into x's dtype and calling ATen's GEMM
+(``dense``: oneDNN/MKL, AMX tiles where the CPU has them); ``GEMM_MIN_M`` and
+``LARGE_M_MODE`` in ``kernels/cpu_fused.py`` are the switch. This bench times
+the three on the same layers (a pool larger than L3, as in ``qalora bench
+kernels``) for every M in ``--m`` and prints, per shape, bit width and dtype,
+the smallest M from which each large-M path is faster than the GEMV at every
+larger M measured, next to what the dispatcher uses.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def crossover_m(gemv_s: Sequence[float], gemm_s: Sequence[float], ms: Sequence[int]) -> int | None:
-    """Smallest M from which the GEMM is faster at every M measured after it (None: never)."""
+    """Smallest M from which the large-M path is faster at every M measured after it (None: never)."""
     best: int | None = None
     for m, tv, tm in reversed(list(zip(ms, gemv_s, gemm_s))):
         if tm >= tv:
@@ -59,10 +61,11 @@ def crossover_m(gemv_s: Sequence[float], gemm_s: Sequence[float], ms: Sequence[i
 
 
 LAYOUT_NAMES = {cpu_fused.LAYOUT_QUAD: "quad", cpu_fused.LAYOUT_PLANE: "plane", cpu_fused.LAYOUT_DOT: "dot"}
+LARGE_M_NAMES = {cpu_fused.MODE_GEMM: "gemm", cpu_fused.MODE_DENSE: "dense"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the GEMV/GEMM timing table per layer and the measured crossover; returns an exit code."""
+    """Print the GEMV/GEMM/dense timing table per layer and the measured crossovers; returns an exit code."""
     args = _parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,21 +82,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 layout = cpu_fused.layout_of(first)
                 pool = weight_pool(first, args.pool_mib)
                 gemv_mode = cpu_fused.MODE_Q8 if layout == cpu_fused.LAYOUT_DOT else cpu_fused.MODE_F32
-                gemv_s, gemm_s = [], []
+                modes = {"gemv": gemv_mode, "gemm": cpu_fused.MODE_GEMM, "dense": cpu_fused.MODE_DENSE}
+                times: dict[str, list[float]] = {name: [] for name in modes}
                 for m in args.m:
                     x = torch.randn(m, k).to(dtype)
-                    for mode, acc in ((gemv_mode, gemv_s), (cpu_fused.MODE_GEMM, gemm_s)):
-                        acc.append(time_pool(
+                    for name, mode in modes.items():
+                        times[name].append(time_pool(
                             lambda w, x=x, spec=spec, n=n, mode=mode, layout=layout: cpu_fused.fused_linear(
                                 x, w["qw"], w["ss"], spec, n, mode=mode, layout=layout),
                             pool, args.min_time))
-                found = crossover_m(gemv_s, gemm_s, args.m)
-                out.write(f"\nK={k} N={n} {bits}-bit {dname}: crossover M = {found if found else 'none'} "
-                          f"(dispatcher: GEMM_MIN_M = {cpu_fused.GEMM_MIN_M[layout]}, "
-                          f"{LAYOUT_NAMES[layout]} layout)\n")
-                out.write(f"  {'M':>4} {'gemv us':>10} {'gemm us':>10}  faster\n")
-                for m, tv, tm in zip(args.m, gemv_s, gemm_s):
-                    out.write(f"  {m:>4} {tv * 1e6:10.1f} {tm * 1e6:10.1f}  {'gemm' if tm < tv else 'gemv'}\n")
+                found = {name: crossover_m(times["gemv"], times[name], args.m) for name in ("gemm", "dense")}
+                chosen = LARGE_M_NAMES[cpu_fused.large_m_mode(dtype)]
+                out.write(f"\nK={k} N={n} {bits}-bit {dname}: crossover M = gemm {found['gemm'] or 'none'}, "
+                          f"dense {found['dense'] or 'none'} (dispatcher: GEMM_MIN_M = "
+                          f"{cpu_fused.gemm_min_m(layout, dtype)}, {chosen}, {LAYOUT_NAMES[layout]} layout)\n")
+                out.write(f"  {'M':>4} {'gemv us':>10} {'gemm us':>10} {'dense us':>10}  fastest\n")
+                for i, m in enumerate(args.m):
+                    row = {name: t[i] for name, t in times.items()}
+                    best = min(row, key=row.get)
+                    out.write(f"  {m:>4} {row['gemv'] * 1e6:10.1f} {row['gemm'] * 1e6:10.1f} "
+                              f"{row['dense'] * 1e6:10.1f}  {best}\n")
                 out.flush()
     return 0
 

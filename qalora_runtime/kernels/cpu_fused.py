@@ -37,9 +37,12 @@ ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 LAYOUT_QUAD, LAYOUT_PLANE, LAYOUT_DOT = 0, 1, 2
 #: Key of a prepared layer's zero-byte tensor whose first dimension is its layout (absent: quad).
 LAYOUT_KEY = "layout"
-#: Smallest M that takes the tiled GEMM path, per layout (its GEMV decides the
+#: Smallest M that takes the large-M path, per layout (its GEMV decides the
 #: crossover; measured with ``qalora bench crossover``, see docs/BENCHMARKS.md).
 GEMM_MIN_M = {LAYOUT_QUAD: 3, LAYOUT_PLANE: 6, LAYOUT_DOT: 256}
+#: The same for bf16 activations where ATen's bf16 GEMM runs on AMX tiles: there
+#: dequantizing to bf16 and calling it (MODE_DENSE) overtakes the q8 GEMV early.
+DENSE_BF16_MIN_M = 16
 INT8_ACT_ENV = "QALORA_CPU_INT8_ACT"
 
 _ext = load_extension()
@@ -72,7 +75,7 @@ def fused_linear(
     if isa is not None and isa not in ISAS:
         raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
     if mode is None:
-        mode = choose_mode(x.shape[0], layout)
+        mode = choose_mode(x.shape[0], layout, x.dtype)
     return _ext.linear(x, qw, ss, spec.bits, spec.group_size, out_features, mode,
                        -1 if isa is None else ISAS[isa], layout)
 
@@ -104,10 +107,34 @@ def layout_of(weights: dict[str, torch.Tensor]) -> int:
     return LAYOUT_QUAD if marker is None else marker.shape[0]
 
 
-def choose_mode(m: int, layout: int) -> int:
-    """Strategy for ``m`` rows on a ``layout`` layer: its own GEMV below GEMM_MIN_M, else the GEMM."""
-    if m >= GEMM_MIN_M.get(layout, m + 1):  # an unknown layout is the C++ check's to reject
-        return MODE_GEMM
+def _amx_bf16() -> bool:
+    """Whether ATen's bf16 GEMM (oneDNN) can use AMX tiles on this CPU."""
+    try:
+        return bool(torch._C._cpu._init_amx())
+    except (AttributeError, RuntimeError):  # an older torch or a CPU without AMX
+        return False
+
+
+_AMX_BF16 = _amx_bf16()
+
+
+def large_m_mode(dtype: torch.dtype) -> int:
+    """The large-M strategy for ``dtype`` activations: MODE_DENSE for bf16 on AMX, else the tiled GEMM."""
+    return MODE_DENSE if dtype == torch.bfloat16 and _AMX_BF16 else MODE_GEMM
+
+
+def gemm_min_m(layout: int, dtype: torch.dtype) -> int | None:
+    """Smallest M that takes the large-M path on a ``layout`` layer (None: an unknown layout)."""
+    if layout == LAYOUT_DOT and large_m_mode(dtype) == MODE_DENSE:
+        return DENSE_BF16_MIN_M
+    return GEMM_MIN_M.get(layout)
+
+
+def choose_mode(m: int, layout: int, dtype: torch.dtype) -> int:
+    """Strategy for ``m`` rows of ``dtype`` on a ``layout`` layer: its GEMV below gemm_min_m, else large-M."""
+    switch = gemm_min_m(layout, dtype)
+    if switch is not None and m >= switch:  # an unknown layout is the C++ check's to reject
+        return large_m_mode(dtype)
     return MODE_Q8 if layout == LAYOUT_DOT else MODE_F32
 
 
@@ -167,7 +194,7 @@ class CpuFusedKernel(LinearKernel):
         if x.dim() == 2:  # the model's case: call straight through (runs ~120 times per token)
             layout = layout_of(weights)
             return _ext.linear(x, weights["qw"], weights["ss"], spec.bits, spec.group_size, n,
-                               choose_mode(x.shape[0], layout), -1, layout)
+                               choose_mode(x.shape[0], layout, x.dtype), -1, layout)
         lead = x.shape[:-1]
         y = fused_linear(x.reshape(-1, x.shape[-1]), weights["qw"], weights["ss"], spec, n,
                          layout=layout_of(weights))

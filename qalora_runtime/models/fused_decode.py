@@ -95,4 +95,4 @@ class FusedDecodeStack:
         x = model.model.embed_tokens(input_ids).contiguous()
         rotary = model.rotary
         return self._native.forward(x, positions, slots, block_tables, seq_lens, rotary.cos_table,
-                                    rotary.sin_table, choose_mode(x.shape[0], self._layout))
+                                    rotary.sin_table, choose_mode(x.shape[0], self._layout, x.dtype))

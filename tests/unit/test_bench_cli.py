@@ -42,7 +42,8 @@ def test_crossover_bench_prints_a_table(capsys):
                            "--pool-mib", "0", "--min-time", "0"]) == 0
     out = capsys.readouterr().out
     assert "K=64 N=32 3-bit fp32: crossover M = " in out
-    assert "(dispatcher: GEMM_MIN_M = 6, plane layout)" in out  # 3-bit + fp32 activations: plane layout
+    assert "(dispatcher: GEMM_MIN_M = 6, gemm, plane layout)" in out  # 3-bit + fp32 activations: plane layout
+    assert "gemv us" in out and "dense us" in out
 
 
 def test_crossover_bench_rejects_unsorted_m(capsys):
@@ -60,3 +61,9 @@ def test_kernels_bench_prints_a_table(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "K=64 N=32 M=1" in out
     assert "cpu_fused 4b fp32" in out
+
+
+def test_default_pool_exceeds_the_last_level_cache():
+    from qalora_runtime.bench import common
+    l3 = common.l3_cache_mib()
+    assert common.default_pool_mib() >= max(96.0, 3 * l3 if l3 else 0.0)

@@ -166,17 +166,68 @@ def test_registry_prefers_cpu_fused() -> None:
 
 def test_choose_mode_thresholds() -> None:
     quad, plane, dot = cpu_fused.LAYOUT_QUAD, cpu_fused.LAYOUT_PLANE, cpu_fused.LAYOUT_DOT
-    assert cpu_fused.choose_mode(1, quad) == cpu_fused.MODE_F32
-    assert cpu_fused.choose_mode(1, plane) == cpu_fused.MODE_F32
-    assert cpu_fused.choose_mode(1, dot) == cpu_fused.MODE_Q8
-    for layout in (quad, plane, dot):
-        assert cpu_fused.choose_mode(256, layout) == cpu_fused.MODE_GEMM
-    # Each layout switches where its GEMV stops winning (qalora bench crossover).
-    for layout in (quad, plane, dot):
-        switch = cpu_fused.GEMM_MIN_M[layout]
-        assert cpu_fused.choose_mode(switch - 1, layout) != cpu_fused.MODE_GEMM
-        assert cpu_fused.choose_mode(switch, layout) == cpu_fused.MODE_GEMM
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert cpu_fused.choose_mode(1, quad, f32) == cpu_fused.MODE_F32
+    assert cpu_fused.choose_mode(1, plane, f32) == cpu_fused.MODE_F32
+    assert cpu_fused.choose_mode(1, dot, bf16) == cpu_fused.MODE_Q8
+    assert cpu_fused.choose_mode(1, dot, f32) == cpu_fused.MODE_Q8  # QALORA_CPU_INT8_ACT's case
+    for layout, dtype in ((quad, f32), (plane, f32), (dot, bf16), (dot, f32)):
+        assert cpu_fused.choose_mode(256, layout, dtype) == cpu_fused.large_m_mode(dtype)
+        # Each layout switches where its GEMV stops winning (qalora bench crossover).
+        switch = cpu_fused.gemm_min_m(layout, dtype)
+        assert cpu_fused.choose_mode(switch - 1, layout, dtype) in (cpu_fused.MODE_Q8, cpu_fused.MODE_F32)
+        assert cpu_fused.choose_mode(switch, layout, dtype) == cpu_fused.large_m_mode(dtype)
+    assert cpu_fused.large_m_mode(f32) == cpu_fused.MODE_GEMM
+    amx = cpu_fused._ext.has_amx_bf16()
+    assert cpu_fused.large_m_mode(bf16) == (cpu_fused.MODE_DENSE if amx else cpu_fused.MODE_GEMM)
+    assert cpu_fused.gemm_min_m(dot, bf16) == (cpu_fused.DENSE_BF16_MIN_M if amx else cpu_fused.GEMM_MIN_M[dot])
 
+
+def test_isa_choice_is_validated() -> None:
+    spec = QuantSpec(4, 32)
+    qw, ss = cpu_fused.repack(*random_layer(64, 8, spec, seed=2), spec)
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        cpu_fused.fused_linear(x, qw, ss, spec, 8, isa="sse2")
+    assert cpu_fused.supported_isas()[:2] == ["scalar", "avx2"] or cpu_fused.supported_isas() == ["scalar"]
+    if "avx512" not in cpu_fused.supported_isas():
+        with pytest.raises(RuntimeError, match="not supported by this CPU"):
+            cpu_fused.fused_linear(x, qw, ss, spec, 8, isa="avx512")
+
+
+def test_isa_env_cap_runs_the_lower_level_in_a_fresh_process() -> None:
+    import os
+    import subprocess
+    import sys
+    code = "from qalora_runtime.kernels.cpu_fused_build import load_extension as l; print(l().isa())"
+    for name, level in (("avx2", 1), ("scalar", 0)):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QALORA_CPU_ISA": name},
+                             capture_output=True, text=True, timeout=300, check=True).stdout
+        assert int(out.split()[-1]) == min(level, load_extension().isa_supported())
+    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QALORA_CPU_ISA": "mmx"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "QALORA_CPU_ISA must be scalar, avx2 or avx512" in bad.stderr
+
+
+@pytest.mark.skipif(not (cpu_fused._ext is not None and cpu_fused._ext.has_amx_bf16()), reason="no AMX-BF16")
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 16, 17, 70])
+@pytest.mark.parametrize("n", [8, 70, 136])
+def test_amx_dense_path_matches_the_aten_dense_path(bits: int, m: int, n: int) -> None:
+    """AMX tiles from the dot layout vs dequantize-to-bf16 + ATen: the same bf16 weights, fp32 sums."""
+    spec = QuantSpec(bits, 64)
+    qweight, scales, zeros = random_layer(K, n, spec, seed=40 + bits)
+    qw, ss = cpu_fused.repack_dot(qweight, scales, zeros, spec)
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    dense = dict(mode=cpu_fused.MODE_DENSE, layout=cpu_fused.LAYOUT_DOT)
+    amx = cpu_fused.fused_linear(x, qw, ss, spec, n, isa="avx512", **dense)
+    aten = cpu_fused.fused_linear(x, qw, ss, spec, n, isa="avx2", **dense)
+    w_bf16 = dequantize(qweight, scales, zeros, spec, torch.float64).to(torch.bfloat16).to(torch.float64)
+    ref = x.to(torch.float64) @ w_bf16  # the bf16-rounded weight, summed exactly
+    assert amx.dtype == torch.bfloat16 and amx.shape == (m, n)
+    # Only the fp32 summation order and the final bf16 rounding of y (2**-9) differ.
+    assert rel_err(amx, ref) < 5e-3 and rel_err(aten, ref) < 5e-3
+    assert rel_err(amx, aten.to(torch.float64)) < 8e-3
 
 
 @pytest.mark.parametrize("bits", [4])

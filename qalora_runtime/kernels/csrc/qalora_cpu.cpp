@@ -6,6 +6,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -24,6 +28,21 @@ bool cpu_has_avx512() {
   return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni");
+}
+
+// AMX needs the CPU bits (CPUID 7.0 EDX: 22 AMX-BF16, 24 AMX-TILE; 7.1 EAX 5:
+// AVX512-BF16 for the conversions) and, on Linux, the process's permission to use
+// the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+bool cpu_has_amx_bf16() {
+  static const bool ok = [] {
+    if (!cpu_has_avx512()) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1u)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
 }
 
 int64_t cpu_isa_supported() {
@@ -118,6 +137,21 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
   const int64_t quads = L.quads();
   const bool simd = isa >= qalora::kIsaAvx2;
 
+  if (mode == kDense && isa >= qalora::kIsaAvx512 && layout == qalora::kDotLayout &&
+      x.scalar_type() == at::kBFloat16 && qalora::cpu_has_amx_bf16()) {
+    // AMX tiles straight from the packed layer: no dense copy, no oneDNN reorder.
+    const at::Tensor xb = x.contiguous();
+    at::Tensor xt = at::empty({qalora::amx_xt_elems(M, K)}, xb.options());
+    uint16_t* xtp = reinterpret_cast<uint16_t*>(xt.data_ptr<c10::BFloat16>());
+    qalora::amx_pack_x(reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>()), M, K, xtp);
+    at::Tensor y = at::empty({M, N}, xb.options());
+    uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
+    at::parallel_for(0, (quads + 3) / 4, 1, [&](int64_t b, int64_t e) {
+      std::vector<uint16_t> wbuf(qalora::amx_weight_buf_elems(K));
+      qalora::amx_gemm_dot(L, xtp, M, yp, b, e, wbuf.data());
+    });
+    return y;
+  }
   if (simd && mode == kDense) {
     // Dequantize W^T once in x's dtype (bf16 rounded, fp32 exact) and let ATen's
     // GEMM (oneDNN / MKL, AMX tiles where the CPU has them) do the multiply.
@@ -228,5 +262,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   qalora::register_fused_decoder(m);
   m.def("has_avx2", &qalora::cpu_has_avx2, "whether the AVX2/FMA paths can run on this CPU");
   m.def("isa_supported", &qalora::cpu_isa_supported, "best kernel ISA level of this CPU (0 scalar, 1 avx2, 2 avx512)");
+  m.def("has_amx_bf16", &qalora::cpu_has_amx_bf16, "whether the AMX bf16 prefill path can run here");
   m.def("isa", &qalora::cpu_isa, "the ISA level the kernels use (isa_supported capped by QALORA_CPU_ISA)");
 }

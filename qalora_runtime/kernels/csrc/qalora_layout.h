@@ -171,6 +171,16 @@ void f32_gemv_avx512(const LayerView& L, const float* x, const float* xa, int64_
 // dot_expand_act_avx512 (a different vector order from the AVX2 expansion).
 void dot_expand_act_avx512(const int8_t* xq, int64_t M, int64_t K, int64_t bits, int8_t* xe);
 void q8_dot_gemv_avx512(const LayerView& L, const QuantAct& A, int64_t M, float* y, int64_t q0, int64_t q1);
+// AMX-BF16 (qalora_amx.cpp): y[M, N] bf16 for bf16 x on a dot-layout layer, over
+// column blocks [c0, c1) of 16 outputs (quads 4c .. 4c+3). x is packed once per call
+// by amx_pack_x into xt (amx_xt_elems bf16); wbuf (amx_weight_buf_elems bf16) is
+// per thread. The process must hold AMX permission (cpu_has_amx_bf16 asks for it).
+bool cpu_has_amx_bf16();
+int64_t amx_xt_elems(int64_t M, int64_t K);
+int64_t amx_weight_buf_elems(int64_t K);
+void amx_pack_x(const uint16_t* x, int64_t M, int64_t K, uint16_t* xt);
+void amx_gemm_dot(const LayerView& L, const uint16_t* xt, int64_t M, uint16_t* y, int64_t c0, int64_t c1,
+                  uint16_t* wbuf);
 // Plane layout GEMV (exact fp32, 2/3-bit) over oct *pairs* [p0, p1) (octs 2p, 2p+1),
 // with its own prepared tables: 16-entry subset sums of every 4 inputs.
 int64_t plane_prep_floats_avx512(const LayerView& L, int64_t M);

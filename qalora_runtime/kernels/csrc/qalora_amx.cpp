@@ -1,0 +1,174 @@
+// AMX bf16 GEMM over the dot layout (qalora_layout.h): the large-M (prefill) path
+// of bf16 models on CPUs with AMX-BF16.
+//
+// Dequantizing a whole layer to bf16 and calling ATen's GEMM (MODE_DENSE's
+// fallback) writes and re-reads the dense layer, and oneDNN reorders it into its
+// own blocked format on every call: ~170 us for a 576x1536 layer before any math
+// on this host. Here a block of 16 output columns is dequantized once per call
+// straight into AMX "A" tiles (16 columns x 32 inputs of bf16, 1 KB, kept in L2
+// for the whole K), and the product is computed transposed, y^T = W^T x^T:
+// x^T is packed once per call into the pair-interleaved "B" tiles
+// ([16 input pairs][16 rows][2]), so the weights need no interleaving at all.
+// tdpbf16ps accumulates in fp32; each weight is rounded once to bf16 (round to
+// nearest even) from s * q - s*z, the same rounding a bf16 dense weight has.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
+#include <immintrin.h>
+
+#include "qalora_layout.h"
+#include "qalora_unpack_avx2.h"
+
+namespace qalora {
+namespace {
+
+constexpr int64_t kTileElems = 16 * 32;  // bf16 elements of one 16 x 64-byte tile
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: C (16 columns x 16 rows fp32), 4: A (weights), 5-7: B (activations).
+void load_tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Quad-block b of quad nq -> rows 4*qi .. 4*qi+3 of A tile b (column c's 32 inputs as bf16).
+template <int BITS>
+void dequant_quad_block(const LayerView& L, int64_t nq, int64_t b, int64_t qi, uint16_t* a) {
+  const uint8_t* blk = L.quad_q(nq) + b * 16 * BITS;
+  // The same block of the next column block (4 quads on): its stream warms while this one is used.
+  const int64_t ahead = 4 * L.kb() * 16 * BITS;
+  for (int64_t off = 0; off < 16 * BITS; off += 64) _mm_prefetch(reinterpret_cast<const char*>(blk) + ahead + off, _MM_HINT_T0);
+  if (b % L.bpg() == 0) _mm_prefetch(reinterpret_cast<const char*>(L.quad_s(nq + 4) + (b / L.bpg()) * 8), _MM_HINT_T0);
+  __m256i v[4];
+  unpack_dot<BITS>(blk, v);
+  // Column c's 8 inputs of dot vector j to qword c (as in dequant_tile_dot).
+  const __m256i by_column = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int j = 0; j < 4; ++j) v[j] = _mm256_permutevar8x32_epi32(v[j], by_column);
+  // 4x4 qword transpose: cols[c] = column c's inputs 0..31 in order.
+  const __m256i l01 = _mm256_unpacklo_epi64(v[0], v[1]), h01 = _mm256_unpackhi_epi64(v[0], v[1]);
+  const __m256i l23 = _mm256_unpacklo_epi64(v[2], v[3]), h23 = _mm256_unpackhi_epi64(v[2], v[3]);
+  const __m256i cols[4] = {_mm256_permute2x128_si256(l01, l23, 0x20), _mm256_permute2x128_si256(h01, h23, 0x20),
+                           _mm256_permute2x128_si256(l01, l23, 0x31), _mm256_permute2x128_si256(h01, h23, 0x31)};
+  const float* sg = L.quad_s(nq) + (b / L.bpg()) * 8;
+  for (int c = 0; c < 4; ++c) {
+    const __m128i lo8 = _mm256_castsi256_si128(cols[c]), hi8 = _mm256_extracti128_si256(cols[c], 1);
+    const __m512i lo = BITS == 8 ? _mm512_cvtepi8_epi32(lo8) : _mm512_cvtepu8_epi32(lo8);
+    const __m512i hi = BITS == 8 ? _mm512_cvtepi8_epi32(hi8) : _mm512_cvtepu8_epi32(hi8);
+    const __m512 s = _mm512_set1_ps(sg[c]), sz = _mm512_set1_ps(sg[4 + c]);
+    const __m512 wl = _mm512_fmsub_ps(_mm512_cvtepi32_ps(lo), s, sz);
+    const __m512 wh = _mm512_fmsub_ps(_mm512_cvtepi32_ps(hi), s, sz);
+    _mm512_storeu_si512(a + b * kTileElems + (qi * 4 + c) * 32, (__m512i)_mm512_cvtne2ps_pbh(wh, wl));
+  }
+}
+
+// NB m-blocks (16 rows each) from mb0 against the column block in `a`: C tiles -> cbuf [NB][16][16].
+template <int NB>
+void tile_product(const uint16_t* a, const uint16_t* xt, int64_t KC, int64_t MB, int64_t mb0, float* cbuf) {
+  _tile_zero(0);
+  if constexpr (NB > 1) _tile_zero(1);
+  if constexpr (NB > 2) _tile_zero(2);
+  if constexpr (NB > 3) _tile_zero(3);
+  for (int64_t kc = 0; kc < KC; ++kc) {
+    const uint16_t* bt = xt + (kc * MB + mb0) * kTileElems;
+    _tile_loadd(4, a + kc * kTileElems, 64);
+    _tile_loadd(5, bt, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (NB > 1) {
+      _tile_loadd(6, bt + kTileElems, 64);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    if constexpr (NB > 2) {
+      _tile_loadd(7, bt + 2 * kTileElems, 64);
+      _tile_dpbf16ps(2, 4, 7);
+    }
+    if constexpr (NB > 3) {
+      _tile_loadd(5, bt + 3 * kTileElems, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, cbuf, 64);
+  if constexpr (NB > 1) _tile_stored(1, cbuf + 256, 64);
+  if constexpr (NB > 2) _tile_stored(2, cbuf + 512, 64);
+  if constexpr (NB > 3) _tile_stored(3, cbuf + 768, 64);
+}
+
+template <int BITS>
+void amx_range(const LayerView& L, const uint16_t* xt, int64_t M, uint16_t* y, int64_t c0, int64_t c1,
+               uint16_t* a) {
+  const int64_t KC = L.kb(), MB = (M + 15) / 16, quads = L.quads();
+  alignas(64) float cbuf[4 * 256];
+  for (int64_t cb = c0; cb < c1; ++cb) {  // column block cb: quads 4cb .. 4cb+3
+    for (int64_t b = 0; b < KC; ++b)
+      for (int64_t qi = 0; qi < 4; ++qi) {
+        const int64_t nq = cb * 4 + qi;
+        if (nq < quads) dequant_quad_block<BITS>(L, nq, b, qi, a);
+        else
+          for (int c = 0; c < 4; ++c) _mm512_storeu_si512(a + b * kTileElems + (qi * 4 + c) * 32, _mm512_setzero_si512());
+      }
+    const int64_t n0 = cb * 16, ncols = L.N - n0 < 16 ? L.N - n0 : 16;
+    for (int64_t mb0 = 0; mb0 < MB; mb0 += 4) {
+      const int64_t nb = MB - mb0 < 4 ? MB - mb0 : 4;
+      switch (nb) {
+        case 1: tile_product<1>(a, xt, KC, MB, mb0, cbuf); break;
+        case 2: tile_product<2>(a, xt, KC, MB, mb0, cbuf); break;
+        case 3: tile_product<3>(a, xt, KC, MB, mb0, cbuf); break;
+        default: tile_product<4>(a, xt, KC, MB, mb0, cbuf); break;
+      }
+      // cbuf[i][n][m] is y[(mb0 + i) * 16 + m, n0 + n]: gather each row's 16 outputs, round to bf16.
+      const __m512i by_n = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(16));
+      const __mmask16 keep = static_cast<__mmask16>((1u << ncols) - 1u);
+      for (int64_t i = 0; i < nb; ++i)
+        for (int64_t mm = 0; mm < 16; ++mm) {
+          const int64_t m = (mb0 + i) * 16 + mm;
+          if (m >= M) break;
+          const __m512 row = _mm512_i32gather_ps(by_n, cbuf + i * 256 + mm, 4);
+          _mm256_mask_storeu_epi16(y + m * L.N + n0, keep, (__m256i)_mm512_cvtneps_pbh(row));
+        }
+    }
+  }
+}
+
+}  // namespace
+
+int64_t amx_xt_elems(int64_t M, int64_t K) { return (M + 15) / 16 * 16 * K; }
+int64_t amx_weight_buf_elems(int64_t K) { return K / 32 * kTileElems; }
+
+void amx_pack_x(const uint16_t* x, int64_t M, int64_t K, uint16_t* xt) {
+  const int64_t MB = (M + 15) / 16, KC = K / 32;
+  const int* xp = reinterpret_cast<const int*>(x);  // bf16 pairs (2r, 2r+1) as dwords
+  int* out = reinterpret_cast<int*>(xt);
+  const __m512i by_row = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(K / 2)));
+  for (int64_t mb = 0; mb < MB; ++mb) {
+    const int64_t rows = M - mb * 16 < 16 ? M - mb * 16 : 16;
+    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1u);  // rows past M stay zero
+    for (int64_t kc = 0; kc < KC; ++kc) {
+      int* tile = out + (kc * MB + mb) * 256;  // [16 pairs][16 rows]
+      const int* src = xp + mb * 16 * (K / 2) + kc * 16;
+      for (int64_t r = 0; r < 16; ++r)
+        _mm512_storeu_si512(tile + r * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, by_row, src + r, 4));
+    }
+  }
+}
+
+void amx_gemm_dot(const LayerView& L, const uint16_t* xt, int64_t M, uint16_t* y, int64_t c0, int64_t c1,
+                  uint16_t* wbuf) {
+  load_tile_config();
+  switch (L.bits) {
+    case 2: amx_range<2>(L, xt, M, y, c0, c1, wbuf); break;
+    case 3: amx_range<3>(L, xt, M, y, c0, c1, wbuf); break;
+    case 4: amx_range<4>(L, xt, M, y, c0, c1, wbuf); break;
+    default: amx_range<8>(L, xt, M, y, c0, c1, wbuf); break;
+  }
+  _tile_release();
+}
+
+}  // namespace qalora
