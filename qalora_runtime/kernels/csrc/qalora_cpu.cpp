@@ -217,7 +217,7 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     at::Tensor xa = at::empty({qalora::f32_prep_floats(L, M)}, xf.options());
     float* xap = xa.data_ptr<float>();
     qalora::f32_prepare_avx2(L, xp, M, xap);
-    const bool wide = isa >= qalora::kIsaAvx512 && (bits == 4 || bits == 8);
+    const bool wide = isa >= qalora::kIsaAvx512 && bits == 4;  // 8-bit measured faster on AVX2
     at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) {
       if (wide) qalora::f32_gemv_avx512(L, xp, xap, M, yp, b, e);
       else qalora::f32_gemv_avx2(L, xp, xap, M, yp, b, e);

@@ -1,12 +1,13 @@
-// AVX-512 exact fp32 GEMV over the quad layout (qalora_layout.h), 4- and 8-bit
-// layers with fp32 activations: the AVX2 kernel (qalora_gemv_avx2.cpp) with
-// 16-lane vectors. A block-column of 32 levels is one zero-extending byte load
-// (vpmovzxbd of 16 bytes) and two mask+convert pairs for 4-bit (the high nibbles
-// stay at 16x, undone by f32_prepare_avx2's scaled copy of x), two sign-extending
-// loads for 8-bit; two FMAs with x, one FMA per group by the weight scale and
-// one per group for the float zero-point (- s*z * sum(x_group)). Per 32 weights
-// that is half the AVX2 kernel's instructions, which were the bottleneck there
-// (its 4-bit path ran at ~15 GB/s against the ~30 GB/s this host streams).
+// AVX-512 exact fp32 GEMV over the quad layout (qalora_layout.h), 4-bit layers
+// with fp32 activations: the AVX2 kernel (qalora_gemv_avx2.cpp) with 16-lane
+// vectors. A block-column of 32 levels is one zero-extending byte load (vpmovzxbd
+// of 16 bytes) and two mask+convert pairs (the high nibbles stay at 16x, undone
+// by f32_prepare_avx2's scaled copy of x); two FMAs with x, one FMA per group by
+// the weight scale and one per group for the float zero-point (- s*z * sum(x_group)).
+// Per 32 weights that is half the AVX2 kernel's instructions, which were the
+// bottleneck there (its 4-bit path ran at ~15 GB/s against the ~30 GB/s this host
+// streams). An 8-bit version of the same loop ran 0.88-0.92x of the AVX2 kernel
+// (scripts/bench_isa.py), so 8-bit layers keep the AVX2 one.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #include <immintrin.h>
 
@@ -17,7 +18,7 @@ namespace {
 
 template <int BITS, int MR>
 void f32_quad512(const LayerView& L, int64_t nq, const float* xw, const float* xs, int64_t m0, float* y) {
-  static_assert(BITS == 4 || BITS == 8, "2/3-bit layers use the plane layout (or the AVX2 quad kernel)");
+  static_assert(BITS == 4, "8-bit stays on AVX2 (faster there), 2/3-bit use the plane layout");
   const int64_t K = L.K, G = L.groups(), bpg = L.bpg(), BB = 4 * BITS;
   const uint8_t* wq = L.quad_q(nq);
   const float* ss = L.quad_s(nq);
@@ -39,15 +40,10 @@ void f32_quad512(const LayerView& L, int64_t nq, const float* xw, const float* x
       _mm_prefetch(reinterpret_cast<const char*>(blk + 8192), _MM_HINT_T0);
       for (int c = 0; c < 4; ++c) {
         const uint8_t* p = blk + c * BB;
-        __m512 w0, w1;  // levels of inputs 0-15 and 16-31 (4-bit: the latter times 16)
-        if constexpr (BITS == 4) {
-          const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-          w0 = _mm512_cvtepi32_ps(_mm512_and_si512(d, lo));
-          w1 = _mm512_cvtepi32_ps(_mm512_and_si512(d, hi));
-        } else {
-          w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-          w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
-        }
+        // Levels of inputs 0-15, and 16x those of inputs 16-31.
+        const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_and_si512(d, lo));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_and_si512(d, hi));
         for (int m = 0; m < MR; ++m) {
           const float* xb = xw + m * K + b * 32;
           const __m512 t = _mm512_mul_ps(w0, _mm512_loadu_ps(xb));
@@ -77,7 +73,7 @@ void f32_quad512(const LayerView& L, int64_t nq, const float* xw, const float* x
 template <int BITS>
 void f32_range512(const LayerView& L, const float* x, const float* xa, int64_t M, float* y, int64_t q0,
                   int64_t q1) {
-  const float* xw = BITS == 8 ? x : xa + M * L.groups();
+  const float* xw = xa + M * L.groups();  // x scaled for the unshifted high nibbles
   for (int64_t nq = q0; nq < q1; ++nq) {
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) f32_quad512<BITS, 2>(L, nq, xw, xa, m, y);
@@ -89,8 +85,8 @@ void f32_range512(const LayerView& L, const float* x, const float* xa, int64_t M
 
 void f32_gemv_avx512(const LayerView& L, const float* x, const float* xa, int64_t M, float* y, int64_t q0,
                      int64_t q1) {
-  if (L.bits == 4) f32_range512<4>(L, x, xa, M, y, q0, q1);
-  else f32_range512<8>(L, x, xa, M, y, q0, q1);
+  (void)x;
+  f32_range512<4>(L, x, xa, M, y, q0, q1);
 }
 
 }  // namespace qalora

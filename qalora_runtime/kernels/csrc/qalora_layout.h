@@ -164,7 +164,7 @@ bool cpu_has_avx2();
 bool cpu_has_avx512();
 int64_t cpu_isa_supported();  // the best level this CPU runs
 int64_t cpu_isa();            // that, capped by QALORA_CPU_ISA
-// Exact fp32 GEMV over the quad layout, 4- and 8-bit layers (f32_prepare_avx2's xa).
+// Exact fp32 GEMV over the quad layout, 4-bit layers (f32_prepare_avx2's xa).
 void f32_gemv_avx512(const LayerView& L, const float* x, const float* xa, int64_t M, float* y,
                      int64_t q0, int64_t q1);
 // VNNI q8 GEMV (dot layout) over quads [q0, q1); its activations are expanded by
