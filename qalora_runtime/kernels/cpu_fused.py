@@ -16,7 +16,13 @@ layout has one GEMV for small ``M`` plus the shared tiled GEMM for large ``M``:
 * ``gemm`` (prefill, any layout): dequantize an L2-sized tile to fp32 and run a
   register-blocked FMA kernel over all rows; exact like ``f32``.
 
-If the extension cannot be built this module registers nothing.
+* ``dense`` (large M of bf16 layers on AMX CPUs): 16-column blocks dequantized
+  straight into AMX tiles (``csrc/qalora_amx.cpp``); elsewhere the layer is
+  dequantized into x's dtype and ATen's GEMM does the multiply.
+
+Each path has an AVX2 version and, for most, an AVX-512 one the C++ side picks
+at run time (``isa=``, ``QALORA_CPU_ISA``). If the extension cannot be built
+this module registers nothing.
 """
 
 from __future__ import annotations
@@ -139,7 +145,7 @@ def choose_mode(m: int, layout: int, dtype: torch.dtype) -> int:
 
 
 class CpuFusedKernel(LinearKernel):
-    """AVX2 fused dequant GEMV/GEMM for 2/3/4/8-bit float-zero layers (fp32 and bf16 activations).
+    """AVX2/AVX-512 fused dequant GEMV/GEMM for 2/3/4/8-bit float-zero layers (fp32 and bf16 activations).
 
     The weight stays packed (``bits/8`` bytes per weight plus fp32 scale and
     scale*zero per group); no dense copy of a layer is ever kept.
