@@ -6,7 +6,7 @@
 // own blocked format on every call: ~170 us for a 576x1536 layer before any math
 // on this host. Here a block of 16 output columns is dequantized once per call
 // straight into AMX "A" tiles (16 columns x 32 inputs of bf16, 1 KB, kept in L2
-// for the whole K), and the product is computed transposed, y^T = W^T x^T:
+// for the whole K; two blocks at a time), and the product is computed transposed, y^T = W^T x^T:
 // x^T is packed once per call into the pair-interleaved "B" tiles
 // ([16 input pairs][16 rows][2]), so the weights need no interleaving at all.
 // tdpbf16ps accumulates in fp32; each weight is rounded once to bf16 (round to
@@ -68,70 +68,80 @@ void dequant_quad_block(const LayerView& L, int64_t nq, int64_t b, int64_t qi, u
   }
 }
 
-// NB m-blocks (16 rows each) from mb0 against the column block in `a`: C tiles -> cbuf [NB][16][16].
-template <int NB>
-void tile_product(const uint16_t* a, const uint16_t* xt, int64_t KC, int64_t MB, int64_t mb0, float* cbuf) {
+// NC column blocks (A tiles 4, 5; their weights at a and a + KC tiles) times NM m-blocks
+// from mb0 (B tiles 6, 7): C tiles 0-3 = (c, m) pairs, each loaded tile used twice,
+// so the packed activations are read once per two column blocks. -> cbuf[c * 2 + m].
+template <int NC, int NM>
+void tile_product(const uint16_t* a, const uint16_t* xt, int64_t KC, int64_t mb0, float* cbuf) {
   _tile_zero(0);
-  if constexpr (NB > 1) _tile_zero(1);
-  if constexpr (NB > 2) _tile_zero(2);
-  if constexpr (NB > 3) _tile_zero(3);
+  if constexpr (NM > 1) _tile_zero(1);
+  if constexpr (NC > 1) _tile_zero(2);
+  if constexpr (NC > 1 && NM > 1) _tile_zero(3);
+  const uint16_t* b0 = xt + mb0 * KC * kTileElems;  // m-block mb0's tiles, contiguous along K
   for (int64_t kc = 0; kc < KC; ++kc) {
-    const uint16_t* bt = xt + (kc * MB + mb0) * kTileElems;
     _tile_loadd(4, a + kc * kTileElems, 64);
-    _tile_loadd(5, bt, 64);
-    _tile_dpbf16ps(0, 4, 5);
-    if constexpr (NB > 1) {
-      _tile_loadd(6, bt + kTileElems, 64);
-      _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(6, b0 + kc * kTileElems, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NM > 1) {
+      _tile_loadd(7, b0 + (KC + kc) * kTileElems, 64);
+      _tile_dpbf16ps(1, 4, 7);
     }
-    if constexpr (NB > 2) {
-      _tile_loadd(7, bt + 2 * kTileElems, 64);
-      _tile_dpbf16ps(2, 4, 7);
-    }
-    if constexpr (NB > 3) {
-      _tile_loadd(5, bt + 3 * kTileElems, 64);
-      _tile_dpbf16ps(3, 4, 5);
+    if constexpr (NC > 1) {
+      _tile_loadd(5, a + (KC + kc) * kTileElems, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NM > 1) _tile_dpbf16ps(3, 5, 7);
     }
   }
   _tile_stored(0, cbuf, 64);
-  if constexpr (NB > 1) _tile_stored(1, cbuf + 256, 64);
-  if constexpr (NB > 2) _tile_stored(2, cbuf + 512, 64);
-  if constexpr (NB > 3) _tile_stored(3, cbuf + 768, 64);
+  if constexpr (NM > 1) _tile_stored(1, cbuf + 256, 64);
+  if constexpr (NC > 1) _tile_stored(2, cbuf + 512, 64);
+  if constexpr (NC > 1 && NM > 1) _tile_stored(3, cbuf + 768, 64);
+}
+
+// Column block cb (quads 4cb .. 4cb+3) -> its KC A tiles at a (missing quads as zeros).
+template <int BITS>
+void dequant_column_block(const LayerView& L, int64_t cb, uint16_t* a) {
+  for (int64_t b = 0; b < L.kb(); ++b)
+    for (int64_t qi = 0; qi < 4; ++qi) {
+      const int64_t nq = cb * 4 + qi;
+      if (nq < L.quads()) dequant_quad_block<BITS>(L, nq, b, qi, a);
+      else
+        for (int c = 0; c < 4; ++c) _mm512_storeu_si512(a + b * kTileElems + (qi * 4 + c) * 32, _mm512_setzero_si512());
+    }
 }
 
 template <int BITS>
 void amx_range(const LayerView& L, const uint16_t* xt, int64_t M, uint16_t* y, int64_t c0, int64_t c1,
                uint16_t* a) {
-  const int64_t KC = L.kb(), MB = (M + 15) / 16, quads = L.quads();
+  const int64_t KC = L.kb(), MB = (M + 15) / 16;
   alignas(64) float cbuf[4 * 256];
-  for (int64_t cb = c0; cb < c1; ++cb) {  // column block cb: quads 4cb .. 4cb+3
-    for (int64_t b = 0; b < KC; ++b)
-      for (int64_t qi = 0; qi < 4; ++qi) {
-        const int64_t nq = cb * 4 + qi;
-        if (nq < quads) dequant_quad_block<BITS>(L, nq, b, qi, a);
-        else
-          for (int c = 0; c < 4; ++c) _mm512_storeu_si512(a + b * kTileElems + (qi * 4 + c) * 32, _mm512_setzero_si512());
+  const __m512i by_n = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(16));
+  for (int64_t cb = c0; cb < c1; cb += 2) {
+    const int64_t nc = c1 - cb < 2 ? c1 - cb : 2;
+    for (int64_t ci = 0; ci < nc; ++ci) dequant_column_block<BITS>(L, cb + ci, a + ci * KC * kTileElems);
+    for (int64_t mb0 = 0; mb0 < MB; mb0 += 2) {
+      const int64_t nm = MB - mb0 < 2 ? MB - mb0 : 2;
+      if (nc == 2) {
+        if (nm == 2) tile_product<2, 2>(a, xt, KC, mb0, cbuf);
+        else tile_product<2, 1>(a, xt, KC, mb0, cbuf);
+      } else {
+        if (nm == 2) tile_product<1, 2>(a, xt, KC, mb0, cbuf);
+        else tile_product<1, 1>(a, xt, KC, mb0, cbuf);
       }
-    const int64_t n0 = cb * 16, ncols = L.N - n0 < 16 ? L.N - n0 : 16;
-    for (int64_t mb0 = 0; mb0 < MB; mb0 += 4) {
-      const int64_t nb = MB - mb0 < 4 ? MB - mb0 : 4;
-      switch (nb) {
-        case 1: tile_product<1>(a, xt, KC, MB, mb0, cbuf); break;
-        case 2: tile_product<2>(a, xt, KC, MB, mb0, cbuf); break;
-        case 3: tile_product<3>(a, xt, KC, MB, mb0, cbuf); break;
-        default: tile_product<4>(a, xt, KC, MB, mb0, cbuf); break;
+      // cbuf[c * 2 + i][n][m] is y[(mb0 + i) * 16 + m, (cb + c) * 16 + n]: gather each row's
+      // 16 outputs, round to bf16.
+      for (int64_t ci = 0; ci < nc; ++ci) {
+        const int64_t n0 = (cb + ci) * 16, ncols = L.N - n0 < 16 ? L.N - n0 : 16;
+        const __mmask16 keep = static_cast<__mmask16>((1u << ncols) - 1u);
+        for (int64_t i = 0; i < nm; ++i)
+          for (int64_t mm = 0; mm < 16; ++mm) {
+            const int64_t m = (mb0 + i) * 16 + mm;
+            if (m >= M) break;
+            const __m512 row = _mm512_i32gather_ps(by_n, cbuf + (ci * 2 + i) * 256 + mm, 4);
+            _mm256_mask_storeu_epi16(y + m * L.N + n0, keep, (__m256i)_mm512_cvtneps_pbh(row));
+          }
       }
-      // cbuf[i][n][m] is y[(mb0 + i) * 16 + m, n0 + n]: gather each row's 16 outputs, round to bf16.
-      const __m512i by_n = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(16));
-      const __mmask16 keep = static_cast<__mmask16>((1u << ncols) - 1u);
-      for (int64_t i = 0; i < nb; ++i)
-        for (int64_t mm = 0; mm < 16; ++mm) {
-          const int64_t m = (mb0 + i) * 16 + mm;
-          if (m >= M) break;
-          const __m512 row = _mm512_i32gather_ps(by_n, cbuf + i * 256 + mm, 4);
-          _mm256_mask_storeu_epi16(y + m * L.N + n0, keep, (__m256i)_mm512_cvtneps_pbh(row));
-        }
     }
   }
 }
@@ -139,7 +149,7 @@ void amx_range(const LayerView& L, const uint16_t* xt, int64_t M, uint16_t* y, i
 }  // namespace
 
 int64_t amx_xt_elems(int64_t M, int64_t K) { return (M + 15) / 16 * 16 * K; }
-int64_t amx_weight_buf_elems(int64_t K) { return K / 32 * kTileElems; }
+int64_t amx_weight_buf_elems(int64_t K) { return 2 * (K / 32) * kTileElems; }  // two column blocks
 
 void amx_pack_x(const uint16_t* x, int64_t M, int64_t K, uint16_t* xt) {
   const int64_t MB = (M + 15) / 16, KC = K / 32;
@@ -151,7 +161,7 @@ void amx_pack_x(const uint16_t* x, int64_t M, int64_t K, uint16_t* xt) {
     const int64_t rows = M - mb * 16 < 16 ? M - mb * 16 : 16;
     const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1u);  // rows past M stay zero
     for (int64_t kc = 0; kc < KC; ++kc) {
-      int* tile = out + (kc * MB + mb) * 256;  // [16 pairs][16 rows]
+      int* tile = out + (mb * KC + kc) * 256;  // [16 pairs][16 rows], an m-block's tiles along K
       const int* src = xp + mb * 16 * (K / 2) + kc * 16;
       for (int64_t r = 0; r < 16; ++r)
         _mm512_storeu_si512(tile + r * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, by_row, src + r, 4));

@@ -146,7 +146,7 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     qalora::amx_pack_x(reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>()), M, K, xtp);
     at::Tensor y = at::empty({M, N}, xb.options());
     uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
-    at::parallel_for(0, (quads + 3) / 4, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, (quads + 3) / 4, 2, [&](int64_t b, int64_t e) {
       std::vector<uint16_t> wbuf(qalora::amx_weight_buf_elems(K));
       qalora::amx_gemm_dot(L, xtp, M, yp, b, e, wbuf.data());
     });
@@ -180,7 +180,8 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
   } else if (gemm) {
     at::parallel_for(0, quads, qalora::kGemmQuads, [&](int64_t b, int64_t e) {
       std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);
-      qalora::f32_gemm_avx2(L, xp, M, yp, b, e, buf.data());
+      if (isa >= qalora::kIsaAvx512) qalora::f32_gemm_avx512(L, xp, M, yp, b, e, buf.data());
+      else qalora::f32_gemm_avx2(L, xp, M, yp, b, e, buf.data());
     });
   } else if (layout == qalora::kPlaneLayout && isa >= qalora::kIsaAvx512) {
     at::Tensor prep = at::empty({qalora::plane_prep_floats_avx512(L, M)}, xf.options());

@@ -210,6 +210,15 @@ void dequant_dense_avx2(const LayerView& L, void* out, bool bf16, int64_t q0, in
   }
 }
 
+void dequant_tile_avx2(const LayerView& L, int64_t qt, int64_t nquads, int64_t k0, int64_t kc, float* buf) {
+  switch (L.bits) {
+    case 2: dequant_tile_any<2>(L, qt, nquads, k0, kc, buf); break;
+    case 3: dequant_tile_any<3>(L, qt, nquads, k0, kc, buf); break;
+    case 4: dequant_tile_any<4>(L, qt, nquads, k0, kc, buf); break;
+    default: dequant_tile_any<8>(L, qt, nquads, k0, kc, buf); break;
+  }
+}
+
 void f32_gemm_avx2(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1,
                    float* buf) {
   switch (L.bits) {

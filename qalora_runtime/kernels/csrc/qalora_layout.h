@@ -152,6 +152,12 @@ constexpr int64_t kGemmQuads = 16;
 constexpr int64_t kGemmKC = 512;
 void f32_gemm_avx2(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1,
                    float* buf);
+// One tile of any layout as f32_gemm_avx2 dequantizes it: buf[(qi*4 + c) * kGemmKC + k - k0]
+// = s*q' - s*(z - off) for quads [qt, qt + nquads), inputs [k0, k0 + kc).
+void dequant_tile_avx2(const LayerView& L, int64_t qt, int64_t nquads, int64_t k0, int64_t kc, float* buf);
+// The same tiled GEMM with a 16-lane micro-kernel (qalora_gemm_avx512.cpp).
+void f32_gemm_avx512(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1,
+                     float* buf);
 // Large-M path that hands the multiply to ATen (oneDNN/MKL, AMX where present):
 // W^T [N, K] (row n = output feature n) dequantized exactly in fp32, or rounded to
 // bf16 (round to nearest even), for quads [q0, q1). `buf` as for f32_gemm_avx2.
