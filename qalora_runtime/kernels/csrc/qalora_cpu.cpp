@@ -179,9 +179,11 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) { qalora::f32_gemv_scalar(L, xp, M, yp, b, e); });
   } else if (gemm) {
     at::parallel_for(0, quads, qalora::kGemmQuads, [&](int64_t b, int64_t e) {
-      std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);
-      if (isa >= qalora::kIsaAvx512) qalora::f32_gemm_avx512(L, xp, M, yp, b, e, buf.data());
-      else qalora::f32_gemm_avx2(L, xp, M, yp, b, e, buf.data());
+      // 64-byte aligned (a std::vector is 16): unaligned zmm loads of the tile split cache lines.
+      const at::Tensor tile = at::empty({qalora::kGemmQuads * 4 * qalora::kGemmKC}, xf.options());
+      float* buf = tile.data_ptr<float>();
+      if (isa >= qalora::kIsaAvx512) qalora::f32_gemm_avx512(L, xp, M, yp, b, e, buf);
+      else qalora::f32_gemm_avx2(L, xp, M, yp, b, e, buf);
     });
   } else if (layout == qalora::kPlaneLayout && isa >= qalora::kIsaAvx512) {
     at::Tensor prep = at::empty({qalora::plane_prep_floats_avx512(L, M)}, xf.options());
