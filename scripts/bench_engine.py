@@ -108,17 +108,17 @@ def gemm_switch_ab(loaded, concurrency: list[int], tokens: int, values: list[int
 
     # The default model is 4/8-bit: the dot layout in bf16, the quad layout in fp32.
     key = cpu_fused.layout_for(QuantSpec(4, 32), loaded[0].dtype)
-    kept = cpu_fused.GEMM_MIN_M[key]
+    kept = cpu_fused.gemm_min_m(key, loaded[0].dtype)
     print("\n| GEMM_MIN_M | " + " | ".join(f"c{c} tok/s" for c in concurrency) + " |")
     print("|---|" + "---|" * len(concurrency))
     try:
         for _ in range(repeats):
             for value in values:
-                cpu_fused.GEMM_MIN_M[key] = value
+                cpu_fused.set_gemm_min_m(key, loaded[0].dtype, value)
                 rows = throughput(loaded, concurrency, tokens)
                 print(f"| {value} | " + " | ".join(f"{tps:.1f}" for _, tps, _ in rows) + " |", flush=True)
     finally:
-        cpu_fused.GEMM_MIN_M[key] = kept
+        cpu_fused.set_gemm_min_m(key, loaded[0].dtype, kept)
 
 
 def main() -> None:

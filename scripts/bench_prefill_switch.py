@@ -34,7 +34,7 @@ def main() -> None:
     model, cfg = load_model(ensure_default_model(), args.dtype)
     # The default model's linears are 4-bit: the layout they get for this dtype.
     key = cpu_fused.layout_for(QuantSpec(4, 32), model.dtype)
-    kept = cpu_fused.GEMM_MIN_M[key]
+    kept = cpu_fused.gemm_min_m(key, model.dtype)
     print("| prompt tokens | " + " | ".join(f"GEMM_MIN_M {v}" for v in args.values) + " |")
     print("|---|" + "---|" * len(args.values))
     try:
@@ -45,13 +45,13 @@ def main() -> None:
             best = {v: float("inf") for v in args.values}
             for _ in range(args.repeats):
                 for v in args.values:
-                    cpu_fused.GEMM_MIN_M[key] = v
+                    cpu_fused.set_gemm_min_m(key, model.dtype, v)
                     start = time.perf_counter()
                     runner.execute([SequenceInput(ids, 0, table)])
                     best[v] = min(best[v], time.perf_counter() - start)
             print(f"| {n} | " + " | ".join(f"{best[v] * 1e3:.1f} ms" for v in args.values) + " |", flush=True)
     finally:
-        cpu_fused.GEMM_MIN_M[key] = kept
+        cpu_fused.set_gemm_min_m(key, model.dtype, kept)
 
 
 if __name__ == "__main__":

@@ -43,15 +43,21 @@ ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 LAYOUT_QUAD, LAYOUT_PLANE, LAYOUT_DOT = 0, 1, 2
 #: Key of a prepared layer's zero-byte tensor whose first dimension is its layout (absent: quad).
 LAYOUT_KEY = "layout"
-#: Smallest M that takes the large-M path, per layout (its GEMV decides the
-#: crossover; measured with ``qalora bench crossover``, see docs/BENCHMARKS.md).
-GEMM_MIN_M = {LAYOUT_QUAD: 3, LAYOUT_PLANE: 6, LAYOUT_DOT: 256}
-#: The same for bf16 activations where ATen's bf16 GEMM runs on AMX tiles: there
-#: dequantizing to bf16 and calling it (MODE_DENSE) overtakes the q8 GEMV early.
-DENSE_BF16_MIN_M = 16
+#: Smallest M that takes the large-M path, per kernel ISA level and layout (its
+#: GEMV decides the crossover; measured with ``qalora bench crossover``, see
+#: docs/BENCHMARKS.md): the AVX-512 GEMVs hold out longer than the AVX2 ones.
+GEMM_MIN_M_BY_ISA = {
+    ISAS["avx2"]: {LAYOUT_QUAD: 3, LAYOUT_PLANE: 6, LAYOUT_DOT: 256},
+    ISAS["avx512"]: {LAYOUT_QUAD: 8, LAYOUT_PLANE: 12, LAYOUT_DOT: 256},
+}
+#: bf16 activations on AMX CPUs: the AMX GEMM (MODE_DENSE) overtakes the q8 GEMV early.
+DENSE_BF16_MIN_M = 12
 INT8_ACT_ENV = "QALORA_CPU_INT8_ACT"
 
 _ext = load_extension()
+#: The switch points of the ISA level the kernels run at here (benchmarks override entries).
+GEMM_MIN_M = dict(GEMM_MIN_M_BY_ISA[min(max(_ext.isa(), ISAS["avx2"]), ISAS["avx512"])] if _ext is not None
+                  else GEMM_MIN_M_BY_ISA[ISAS["avx2"]])
 # Read once: choose_mode runs for every linear call.
 _INT8_ACT_ALWAYS = os.environ.get(INT8_ACT_ENV, "") == "1"
 
@@ -134,6 +140,17 @@ def gemm_min_m(layout: int, dtype: torch.dtype) -> int | None:
     if layout == LAYOUT_DOT and large_m_mode(dtype) == MODE_DENSE:
         return DENSE_BF16_MIN_M
     return GEMM_MIN_M.get(layout)
+
+
+def set_gemm_min_m(layout: int, dtype: torch.dtype, value: int) -> int:
+    """Set the switch ``gemm_min_m(layout, dtype)`` reads (A/B benchmarks); returns the previous value."""
+    global DENSE_BF16_MIN_M
+    previous = gemm_min_m(layout, dtype)
+    if layout == LAYOUT_DOT and large_m_mode(dtype) == MODE_DENSE:
+        DENSE_BF16_MIN_M = value
+    else:
+        GEMM_MIN_M[layout] = value
+    return previous
 
 
 def choose_mode(m: int, layout: int, dtype: torch.dtype) -> int:

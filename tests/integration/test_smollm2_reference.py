@@ -194,7 +194,8 @@ def test_batch_equals_alone_fp32(fp32_model, prompt_ids, fp32_run) -> None:
 
 def test_batch_vs_alone_bf16(bf16_model, prompt_ids, bf16_run) -> None:
     # bf16 need not be bitwise batch-invariant: the fused kernel picks its strategy by row
-    # count (int8-activation GEMV below GEMM_MIN_M rows, exact dequantized GEMM from there),
+    # count (int8-activation GEMV below the switch, then the exact dequantized GEMM, or on
+    # AMX CPUs from 16 rows the bf16 AMX GEMM, see cpu_fused.gemm_min_m),
     # so a prompt prefilled alone and inside a large batch can be computed differently; and
     # SDPA's reductions are blocked by key length, which padding to the batch's longest
     # sequence changes. The int8 GEMV itself is row-independent. So greedy tokens may part,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from qalora_runtime.bench import crossover, kernels
 from qalora_runtime.kernels import cpu_fused
@@ -42,7 +43,8 @@ def test_crossover_bench_prints_a_table(capsys):
                            "--pool-mib", "0", "--min-time", "0"]) == 0
     out = capsys.readouterr().out
     assert "K=64 N=32 3-bit fp32: crossover M = " in out
-    assert "(dispatcher: GEMM_MIN_M = 6, gemm, plane layout)" in out  # 3-bit + fp32 activations: plane layout
+    switch = cpu_fused.gemm_min_m(cpu_fused.LAYOUT_PLANE, torch.float32)
+    assert f"(dispatcher: GEMM_MIN_M = {switch}, gemm, plane layout)" in out  # 3-bit + fp32: plane layout
     assert "gemv us" in out and "dense us" in out
 
 

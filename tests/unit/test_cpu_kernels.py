@@ -354,3 +354,15 @@ def test_real_smollm2_layers(smollm2_dir, module: str) -> None:
     y = cpu_fused.fused_linear(x, qw, ss, spec, cols, mode=MODES["q8"], layout=cpu_fused.LAYOUT_DOT)
     assert rel_err(y, int8_activations(x) @ w) < 1e-5
     assert rel_err(y, ref) < 3e-2
+
+
+def test_set_gemm_min_m_moves_the_switch_choose_mode_reads() -> None:
+    for layout, dtype in ((cpu_fused.LAYOUT_QUAD, torch.float32), (cpu_fused.LAYOUT_DOT, torch.bfloat16)):
+        kept = cpu_fused.set_gemm_min_m(layout, dtype, 5)
+        try:
+            assert cpu_fused.gemm_min_m(layout, dtype) == 5
+            assert cpu_fused.choose_mode(5, layout, dtype) == cpu_fused.large_m_mode(dtype)
+            assert cpu_fused.choose_mode(4, layout, dtype) != cpu_fused.large_m_mode(dtype)
+        finally:
+            assert cpu_fused.set_gemm_min_m(layout, dtype, kept) == 5
+        assert cpu_fused.gemm_min_m(layout, dtype) == kept
