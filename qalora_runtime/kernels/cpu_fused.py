@@ -119,19 +119,16 @@ def layout_of(weights: dict[str, torch.Tensor]) -> int:
     return LAYOUT_QUAD if marker is None else marker.shape[0]
 
 
-def _amx_bf16() -> bool:
-    """Whether ATen's bf16 GEMM (oneDNN) can use AMX tiles on this CPU."""
-    try:
-        return bool(torch._C._cpu._init_amx())
-    except (AttributeError, RuntimeError):  # an older torch or a CPU without AMX
-        return False
+def amx_prefill_available() -> bool:
+    """Whether bf16 large-M layers run on the AMX kernel here (AMX-BF16 CPU, ISA not capped below avx512)."""
+    return _ext is not None and _ext.isa() >= ISAS["avx512"] and _ext.has_amx_bf16()
 
 
-_AMX_BF16 = _amx_bf16()
+_AMX_BF16 = amx_prefill_available()  # read once: choose_mode runs for every linear call
 
 
 def large_m_mode(dtype: torch.dtype) -> int:
-    """The large-M strategy for ``dtype`` activations: MODE_DENSE for bf16 on AMX, else the tiled GEMM."""
+    """The large-M strategy for ``dtype`` activations: MODE_DENSE (AMX) for bf16 on AMX CPUs, else the tiled GEMM."""
     return MODE_DENSE if dtype == torch.bfloat16 and _AMX_BF16 else MODE_GEMM
 
 
@@ -165,7 +162,8 @@ class CpuFusedKernel(LinearKernel):
     """AVX2/AVX-512 fused dequant GEMV/GEMM for 2/3/4/8-bit float-zero layers (fp32 and bf16 activations).
 
     The weight stays packed (``bits/8`` bytes per weight plus fp32 scale and
-    scale*zero per group); no dense copy of a layer is ever kept.
+    scale*zero per group); no dense copy of a layer is ever kept (only an explicit
+    ``MODE_DENSE`` call off the AMX path dequantizes into a per-thread scratch).
     """
 
     name = "cpu_fused"

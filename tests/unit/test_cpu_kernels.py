@@ -178,7 +178,7 @@ def test_choose_mode_thresholds() -> None:
         assert cpu_fused.choose_mode(switch - 1, layout, dtype) in (cpu_fused.MODE_Q8, cpu_fused.MODE_F32)
         assert cpu_fused.choose_mode(switch, layout, dtype) == cpu_fused.large_m_mode(dtype)
     assert cpu_fused.large_m_mode(f32) == cpu_fused.MODE_GEMM
-    amx = cpu_fused._ext.has_amx_bf16()
+    amx = cpu_fused.amx_prefill_available()
     assert cpu_fused.large_m_mode(bf16) == (cpu_fused.MODE_DENSE if amx else cpu_fused.MODE_GEMM)
     assert cpu_fused.gemm_min_m(dot, bf16) == (cpu_fused.DENSE_BF16_MIN_M if amx else cpu_fused.GEMM_MIN_M[dot])
 

@@ -204,7 +204,8 @@ def test_long_kernel_calls_release_the_gil():
     kernel = CpuFusedKernel()
     weights = kernel.prepare(qw, torch.rand(k // 32, k), torch.rand(k // 32, k), spec, torch.float32,
                              torch.device("cpu"))
-    x = torch.randn(96, k, generator=gen)
+    # 256 rows: long enough (> 5 ms) on the AVX-512 GEMM too, which does 96 rows in ~4 ms.
+    x = torch.randn(256, k, generator=gen)
     ticks, done = [0], threading.Event()
 
     def other_thread() -> None:
