@@ -98,6 +98,31 @@ void tile_product(const uint16_t* a, const uint16_t* xt, int64_t KC, int64_t mb0
   if constexpr (NC > 1 && NM > 1) _tile_stored(3, cbuf + 768, 64);
 }
 
+// t[j][i] = c[i][j] for a 16 x 16 fp32 tile (64 shuffles, no gathers): 4x4 transposes
+// inside each 128-bit lane of four rows at a time, then a 4x4 transpose of lanes.
+static inline void transpose16(const float* c, __m512 t[16]) {
+  __m512 b[4][4];  // b[g][k] lane L: rows 4g..4g+3 at column 4L + k
+  for (int g = 0; g < 4; ++g) {
+    const float* r = c + g * 64;
+    const __m512 r0 = _mm512_load_ps(r), r1 = _mm512_load_ps(r + 16), r2 = _mm512_load_ps(r + 32),
+                 r3 = _mm512_load_ps(r + 48);
+    const __m512 a0 = _mm512_unpacklo_ps(r0, r1), a1 = _mm512_unpackhi_ps(r0, r1);
+    const __m512 a2 = _mm512_unpacklo_ps(r2, r3), a3 = _mm512_unpackhi_ps(r2, r3);
+    b[g][0] = _mm512_shuffle_ps(a0, a2, 0x44);
+    b[g][1] = _mm512_shuffle_ps(a0, a2, 0xEE);
+    b[g][2] = _mm512_shuffle_ps(a1, a3, 0x44);
+    b[g][3] = _mm512_shuffle_ps(a1, a3, 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 c0 = _mm512_shuffle_f32x4(b[0][k], b[1][k], 0x44), c1 = _mm512_shuffle_f32x4(b[0][k], b[1][k], 0xEE);
+    const __m512 c2 = _mm512_shuffle_f32x4(b[2][k], b[3][k], 0x44), c3 = _mm512_shuffle_f32x4(b[2][k], b[3][k], 0xEE);
+    t[k] = _mm512_shuffle_f32x4(c0, c2, 0x88);
+    t[4 + k] = _mm512_shuffle_f32x4(c0, c2, 0xDD);
+    t[8 + k] = _mm512_shuffle_f32x4(c1, c3, 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(c1, c3, 0xDD);
+  }
+}
+
 // Column block cb (quads 4cb .. 4cb+3) -> its KC A tiles at a (missing quads as zeros).
 template <int BITS>
 void dequant_column_block(const LayerView& L, int64_t cb, uint16_t* a) {
@@ -115,8 +140,6 @@ void amx_range(const LayerView& L, const uint16_t* xt, int64_t M, uint16_t* y, i
                uint16_t* a) {
   const int64_t KC = L.kb(), MB = (M + 15) / 16;
   alignas(64) float cbuf[4 * 256];
-  const __m512i by_n = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(16));
   for (int64_t cb = c0; cb < c1; cb += 2) {
     const int64_t nc = c1 - cb < 2 ? c1 - cb : 2;
     for (int64_t ci = 0; ci < nc; ++ci) dequant_column_block<BITS>(L, cb + ci, a + ci * KC * kTileElems);
@@ -129,18 +152,17 @@ void amx_range(const LayerView& L, const uint16_t* xt, int64_t M, uint16_t* y, i
         if (nm == 2) tile_product<1, 2>(a, xt, KC, mb0, cbuf);
         else tile_product<1, 1>(a, xt, KC, mb0, cbuf);
       }
-      // cbuf[c * 2 + i][n][m] is y[(mb0 + i) * 16 + m, (cb + c) * 16 + n]: gather each row's
-      // 16 outputs, round to bf16.
+      // cbuf[c * 2 + i][n][m] is y[(mb0 + i) * 16 + m, (cb + c) * 16 + n]: transpose, round to bf16.
       for (int64_t ci = 0; ci < nc; ++ci) {
         const int64_t n0 = (cb + ci) * 16, ncols = L.N - n0 < 16 ? L.N - n0 : 16;
         const __mmask16 keep = static_cast<__mmask16>((1u << ncols) - 1u);
-        for (int64_t i = 0; i < nm; ++i)
-          for (int64_t mm = 0; mm < 16; ++mm) {
-            const int64_t m = (mb0 + i) * 16 + mm;
-            if (m >= M) break;
-            const __m512 row = _mm512_i32gather_ps(by_n, cbuf + (ci * 2 + i) * 256 + mm, 4);
-            _mm256_mask_storeu_epi16(y + m * L.N + n0, keep, (__m256i)_mm512_cvtneps_pbh(row));
-          }
+        for (int64_t i = 0; i < nm; ++i) {
+          __m512 rows[16];
+          transpose16(cbuf + (ci * 2 + i) * 256, rows);
+          const int64_t m0 = (mb0 + i) * 16, live = M - m0 < 16 ? M - m0 : 16;
+          for (int64_t mm = 0; mm < live; ++mm)
+            _mm256_mask_storeu_epi16(y + (m0 + mm) * L.N + n0, keep, (__m256i)_mm512_cvtneps_pbh(rows[mm]));
+        }
       }
     }
   }
