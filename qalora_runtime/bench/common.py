@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
