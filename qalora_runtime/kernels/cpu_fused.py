@@ -55,9 +55,10 @@ DENSE_BF16_MIN_M = 12
 INT8_ACT_ENV = "QALORA_CPU_INT8_ACT"
 
 _ext = load_extension()
-#: The switch points of the ISA level the kernels run at here (benchmarks override entries).
-GEMM_MIN_M = dict(GEMM_MIN_M_BY_ISA[min(max(_ext.isa(), ISAS["avx2"]), ISAS["avx512"])] if _ext is not None
-                  else GEMM_MIN_M_BY_ISA[ISAS["avx2"]])
+#: The ISA level the kernels run at here (QALORA_CPU_ISA applied).
+_ISA = _ext.isa() if _ext is not None else ISAS["scalar"]
+#: That level's switch points (the scalar path keeps AVX2's; benchmarks override entries).
+GEMM_MIN_M = dict(GEMM_MIN_M_BY_ISA[ISAS["avx512"] if _ISA >= ISAS["avx512"] else ISAS["avx2"]])
 # Read once: choose_mode runs for every linear call.
 _INT8_ACT_ALWAYS = os.environ.get(INT8_ACT_ENV, "") == "1"
 
@@ -121,7 +122,7 @@ def layout_of(weights: dict[str, torch.Tensor]) -> int:
 
 def amx_prefill_available() -> bool:
     """Whether bf16 large-M layers run on the AMX kernel here (AMX-BF16 CPU, ISA not capped below avx512)."""
-    return _ext is not None and _ext.isa() >= ISAS["avx512"] and _ext.has_amx_bf16()
+    return _ISA >= ISAS["avx512"] and _ext.has_amx_bf16()
 
 
 _AMX_BF16 = amx_prefill_available()  # read once: choose_mode runs for every linear call

@@ -208,8 +208,7 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     for (int64_t m = 0; m < M; ++m)
       qalora::quantize_act_avx2(xp + m * K, K, group, xqp + m * K, dxp + m * (K / 32), xsp + m * G);
     const bool vnni = isa >= qalora::kIsaAvx512;
-    if (vnni) qalora::dot_expand_act_avx512(xqp, M, K, bits, xep);
-    else qalora::dot_expand_act_avx2(xqp, M, K, xep);
+    qalora::dot_expand_act_avx2(xqp, M, K, xep, vnni && bits != 8);
     const qalora::QuantAct A{xep, dxp, xsp};
     at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) {
       if (vnni) qalora::q8_dot_gemv_avx512(L, A, M, yp, b, e);
@@ -222,7 +221,7 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     qalora::f32_prepare_avx2(L, xp, M, xap);
     const bool wide = isa >= qalora::kIsaAvx512 && bits == 4;  // 8-bit measured faster on AVX2
     at::parallel_for(0, quads, 8, [&](int64_t b, int64_t e) {
-      if (wide) qalora::f32_gemv_avx512(L, xp, xap, M, yp, b, e);
+      if (wide) qalora::f32_gemv_avx512(L, xap, M, yp, b, e);
       else qalora::f32_gemv_avx2(L, xp, xap, M, yp, b, e);
     });
   }

@@ -115,13 +115,18 @@ void q8_dot_gemv_avx2(const LayerView& L, const QuantAct& A, int64_t M, float* y
   }
 }
 
-// Expanded vector j of a block = its dwords (4 inputs each) 2j, 2j, 2j, 2j, 2j+1 x4.
-void dot_expand_act_avx2(const int8_t* xq, int64_t M, int64_t K, int8_t* xe) {
+// Expanded vector j of a block = its dwords (4 inputs each) 2j, 2j, 2j, 2j, 2j+1 x4,
+// stored in slot j, or with `paired` in slot {0, 2, 1, 3}[j]: the [X0 X2 X1 X3] order in
+// which the VNNI kernel (qalora_dot_avx512.cpp) pairs the vectors of 2/3/4-bit layers.
+void dot_expand_act_avx2(const int8_t* xq, int64_t M, int64_t K, int8_t* xe, bool paired) {
+  const int slot_of[2][4] = {{0, 1, 2, 3}, {0, 2, 1, 3}};
+  const int* slot = slot_of[paired ? 1 : 0];
   for (int64_t b = 0; b < M * K / 32; ++b) {
     const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * 32));
     for (int j = 0; j < 4; ++j) {
       const __m256i idx = _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xe + b * 128 + 32 * j), _mm256_permutevar8x32_epi32(xb, idx));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xe + b * 128 + 32 * slot[j]),
+                          _mm256_permutevar8x32_epi32(xb, idx));
     }
   }
 }

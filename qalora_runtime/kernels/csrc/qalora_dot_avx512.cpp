@@ -7,7 +7,7 @@
 //   2/3/4-bit: registers [V0 | V2] and [V1 | V3] (4-bit: one load, a mask and a
 //              shift; 2-bit: the 32 bytes in both halves, shifted 0/4 and 2/6;
 //              3-bit: the AVX2 decoder's four vectors paired), activations
-//              expanded in the matching order [X0 X2 X1 X3] (dot_expand_act_avx512);
+//              expanded in the matching order [X0 X2 X1 X3] (dot_expand_act_avx2, paired);
 //   8-bit:     [V0 | V1] and [V2 | V3] straight from memory, natural order.
 // vpdpbusd multiplies unsigned by signed bytes: 2/3/4-bit levels are unsigned
 // already; 8-bit levels are stored signed (q - 128), so one XOR flips them back
@@ -123,21 +123,6 @@ void q8_dot_gemv_avx512(const LayerView& L, const QuantAct& A, int64_t M, float*
     case 3: q8_dot_range512<3>(L, A, M, y, q0, q1); break;
     case 4: q8_dot_range512<4>(L, A, M, y, q0, q1); break;
     default: q8_dot_range512<8>(L, A, M, y, q0, q1); break;
-  }
-}
-
-// As dot_expand_act_avx2, but the four expanded vectors of a block stored in the
-// order the kernel pairs them: [X0 X2 X1 X3] below 8 bits, [X0 X1 X2 X3] at 8.
-void dot_expand_act_avx512(const int8_t* xq, int64_t M, int64_t K, int64_t bits, int8_t* xe) {
-  const int order[2][4] = {{0, 2, 1, 3}, {0, 1, 2, 3}};
-  const int* slot_of = order[bits == 8 ? 1 : 0];
-  for (int64_t b = 0; b < M * K / 32; ++b) {
-    const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * 32));
-    for (int s = 0; s < 4; ++s) {
-      const int j = slot_of[s];
-      const __m256i idx = _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xe + b * 128 + 32 * s), _mm256_permutevar8x32_epi32(xb, idx));
-    }
   }
 }
 

@@ -71,8 +71,7 @@ void f32_quad512(const LayerView& L, int64_t nq, const float* xw, const float* x
 }
 
 template <int BITS>
-void f32_range512(const LayerView& L, const float* x, const float* xa, int64_t M, float* y, int64_t q0,
-                  int64_t q1) {
+void f32_range512(const LayerView& L, const float* xa, int64_t M, float* y, int64_t q0, int64_t q1) {
   const float* xw = xa + M * L.groups();  // x scaled for the unshifted high nibbles
   for (int64_t nq = q0; nq < q1; ++nq) {
     int64_t m = 0;
@@ -83,10 +82,8 @@ void f32_range512(const LayerView& L, const float* x, const float* xa, int64_t M
 
 }  // namespace
 
-void f32_gemv_avx512(const LayerView& L, const float* x, const float* xa, int64_t M, float* y, int64_t q0,
-                     int64_t q1) {
-  (void)x;
-  f32_range512<4>(L, x, xa, M, y, q0, q1);
+void f32_gemv_avx512(const LayerView& L, const float* xa, int64_t M, float* y, int64_t q0, int64_t q1) {
+  f32_range512<4>(L, xa, M, y, q0, q1);
 }
 
 }  // namespace qalora

@@ -133,8 +133,9 @@ inline int LayerView::level(int64_t n, int64_t k) const {
 
 // ISA-specific entry points; each covers quads [q0, q1) and writes y[M, N].
 // q8 path (dot layout): dot_expand_act_avx2 fills `xe` ([M, K/32, 4, 32] int8, 4K
-// bytes per row) with each row's activation bytes in dot-vector order.
-void dot_expand_act_avx2(const int8_t* xq, int64_t M, int64_t K, int8_t* xe);
+// bytes per row) with each row's activation bytes in dot-vector order (`paired`: the
+// VNNI kernel's [X0 X2 X1 X3] slot order, for its 2/3/4-bit layers).
+void dot_expand_act_avx2(const int8_t* xq, int64_t M, int64_t K, int8_t* xe, bool paired);
 void q8_dot_gemv_avx2(const LayerView& L, const QuantAct& A, int64_t M, float* y, int64_t q0, int64_t q1);
 // f32 path: y = sum_g s * sum(q'x) - s(z-off) * xs, xs the per-group sums of x.
 // f32_prepare_avx2 fills `xa` (f32_prep_floats floats) once per call with xs and,
@@ -171,11 +172,9 @@ bool cpu_has_avx512();
 int64_t cpu_isa_supported();  // the best level this CPU runs
 int64_t cpu_isa();            // that, capped by QALORA_CPU_ISA
 // Exact fp32 GEMV over the quad layout, 4-bit layers (f32_prepare_avx2's xa).
-void f32_gemv_avx512(const LayerView& L, const float* x, const float* xa, int64_t M, float* y,
-                     int64_t q0, int64_t q1);
+void f32_gemv_avx512(const LayerView& L, const float* xa, int64_t M, float* y, int64_t q0, int64_t q1);
 // VNNI q8 GEMV (dot layout) over quads [q0, q1); its activations are expanded by
-// dot_expand_act_avx512 (a different vector order from the AVX2 expansion).
-void dot_expand_act_avx512(const int8_t* xq, int64_t M, int64_t K, int64_t bits, int8_t* xe);
+// dot_expand_act_avx2 with paired = (bits != 8).
 void q8_dot_gemv_avx512(const LayerView& L, const QuantAct& A, int64_t M, float* y, int64_t q0, int64_t q1);
 // AMX-BF16 (qalora_amx.cpp): y[M, N] bf16 for bf16 x on a dot-layout layer, over
 // column blocks [c0, c1) of 16 outputs (quads 4c .. 4c+3). x is packed once per call
