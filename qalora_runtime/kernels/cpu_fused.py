@@ -16,9 +16,12 @@ layout has one GEMV for small ``M`` plus the shared tiled GEMM for large ``M``:
 * ``gemm`` (prefill, any layout): dequantize an L2-sized tile to fp32 and run a
   register-blocked FMA kernel over all rows; exact like ``f32``.
 
-* ``dense`` (large M of bf16 layers on AMX CPUs): 16-column blocks dequantized
-  straight into AMX tiles (``csrc/qalora_amx.cpp``); elsewhere the layer is
-  dequantized into x's dtype and ATen's GEMM does the multiply.
+* ``dense`` (large M of bf16 layers): on AMX CPUs 16-column blocks dequantized
+  straight into AMX tiles (``csrc/qalora_amx.cpp``); on AVX512-BF16 CPUs without
+  AMX (AMD Zen 4) L2-sized tiles rounded to bf16 and multiplied with vdpbf16ps
+  (``csrc/qalora_gemm_bf16.cpp``); elsewhere the layer is dequantized into x's
+  dtype and ATen's GEMM does the multiply. Weights are rounded once to bf16,
+  as a bf16 dense weight is.
 
 Each path has an AVX2 version and, for most, an AVX-512 one the C++ side picks
 at run time (``isa=``, ``QALORA_CPU_ISA``). If the extension cannot be built
@@ -38,8 +41,9 @@ from .registry import LinearKernel, register_kernel
 
 MODE_Q8, MODE_F32, MODE_GEMM, MODE_DENSE = 0, 1, 2, 3
 #: Kernel instruction-set levels (``isa=``): the C++ side runs the best one the CPU
-#: has unless told a lower one here or capped by ``QALORA_CPU_ISA``.
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+#: has unless told a lower one here or capped by ``QALORA_CPU_ISA``. ``amx`` is
+#: ``avx512`` plus the AMX bf16 large-M kernel.
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
 LAYOUT_QUAD, LAYOUT_PLANE, LAYOUT_DOT = 0, 1, 2
 #: Key of a prepared layer's zero-byte tensor whose first dimension is its layout (absent: quad).
 LAYOUT_KEY = "layout"
@@ -50,8 +54,10 @@ GEMM_MIN_M_BY_ISA = {
     ISAS["avx2"]: {LAYOUT_QUAD: 3, LAYOUT_PLANE: 6, LAYOUT_DOT: 256},
     ISAS["avx512"]: {LAYOUT_QUAD: 8, LAYOUT_PLANE: 12, LAYOUT_DOT: 256},
 }
-#: bf16 activations on AMX CPUs: the AMX GEMM (MODE_DENSE) overtakes the q8 GEMV early.
-DENSE_BF16_MIN_M = 12
+#: bf16 large-M kernels (MODE_DENSE) by name, and the M from which each overtakes
+#: the q8 GEMV (``qalora bench crossover``): AMX tiles, or vdpbf16ps where there is
+#: AVX512-BF16 but no AMX. Without either, bf16 takes the tiled fp32 GEMM.
+DENSE_BF16_MIN_M_BY_KERNEL = {"amx": 12, "avx512_bf16": 16}
 INT8_ACT_ENV = "QALORA_CPU_INT8_ACT"
 
 _ext = load_extension()
@@ -120,17 +126,23 @@ def layout_of(weights: dict[str, torch.Tensor]) -> int:
     return LAYOUT_QUAD if marker is None else marker.shape[0]
 
 
-def amx_prefill_available() -> bool:
-    """Whether bf16 large-M layers run on the AMX kernel here (AMX-BF16 CPU, ISA not capped below avx512)."""
-    return _ISA >= ISAS["avx512"] and _ext.has_amx_bf16()
+def bf16_prefill_kernel() -> str | None:
+    """The bf16 large-M kernel here: ``amx``, ``avx512_bf16`` or None (bf16 takes the tiled fp32 GEMM)."""
+    if _ISA >= ISAS["amx"]:
+        return "amx"
+    if _ISA >= ISAS["avx512"] and _ext.has_avx512_bf16():
+        return "avx512_bf16"
+    return None
 
 
-_AMX_BF16 = amx_prefill_available()  # read once: choose_mode runs for every linear call
+_BF16_PREFILL = bf16_prefill_kernel()  # read once: choose_mode runs for every linear call
+#: That kernel's switch point (unused without one; benchmarks override it).
+DENSE_BF16_MIN_M = DENSE_BF16_MIN_M_BY_KERNEL.get(_BF16_PREFILL or "", 0)
 
 
 def large_m_mode(dtype: torch.dtype) -> int:
-    """The large-M strategy for ``dtype`` activations: MODE_DENSE (AMX) for bf16 on AMX CPUs, else the tiled GEMM."""
-    return MODE_DENSE if dtype == torch.bfloat16 and _AMX_BF16 else MODE_GEMM
+    """The large-M strategy for ``dtype`` activations: MODE_DENSE for bf16 where a bf16 kernel runs, else the tiled GEMM."""
+    return MODE_DENSE if dtype == torch.bfloat16 and _BF16_PREFILL is not None else MODE_GEMM
 
 
 def gemm_min_m(layout: int, dtype: torch.dtype) -> int | None:

@@ -178,9 +178,11 @@ def test_choose_mode_thresholds() -> None:
         assert cpu_fused.choose_mode(switch - 1, layout, dtype) in (cpu_fused.MODE_Q8, cpu_fused.MODE_F32)
         assert cpu_fused.choose_mode(switch, layout, dtype) == cpu_fused.large_m_mode(dtype)
     assert cpu_fused.large_m_mode(f32) == cpu_fused.MODE_GEMM
-    amx = cpu_fused.amx_prefill_available()
-    assert cpu_fused.large_m_mode(bf16) == (cpu_fused.MODE_DENSE if amx else cpu_fused.MODE_GEMM)
-    assert cpu_fused.gemm_min_m(dot, bf16) == (cpu_fused.DENSE_BF16_MIN_M if amx else cpu_fused.GEMM_MIN_M[dot])
+    kernel = cpu_fused.bf16_prefill_kernel()
+    assert kernel in (None, "amx", "avx512_bf16")
+    assert cpu_fused.large_m_mode(bf16) == (cpu_fused.MODE_GEMM if kernel is None else cpu_fused.MODE_DENSE)
+    assert cpu_fused.gemm_min_m(dot, bf16) == (
+        cpu_fused.GEMM_MIN_M[dot] if kernel is None else cpu_fused.DENSE_BF16_MIN_M_BY_KERNEL[kernel])
 
 
 def test_isa_choice_is_validated() -> None:
@@ -206,28 +208,52 @@ def test_isa_env_cap_runs_the_lower_level_in_a_fresh_process() -> None:
         assert int(out.split()[-1]) == min(level, load_extension().isa_supported())
     bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "QALORA_CPU_ISA": "mmx"},
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "QALORA_CPU_ISA must be scalar, avx2 or avx512" in bad.stderr
+    assert bad.returncode != 0 and "QALORA_CPU_ISA must be scalar, avx2, avx512 or amx" in bad.stderr
 
 
-@pytest.mark.skipif(not (cpu_fused._ext is not None and cpu_fused._ext.has_amx_bf16()), reason="no AMX-BF16")
+def _bf16_dense_isas() -> list[str]:
+    """ISA levels whose MODE_DENSE bf16 call runs a kernel of ours: avx512 (AVX512-BF16), amx."""
+    ext = cpu_fused._ext
+    if ext is None:
+        return []
+    return (["avx512"] if ext.isa_supported() >= 2 and ext.has_avx512_bf16() else []) + (
+        ["amx"] if ext.isa_supported() >= 3 else [])
+
+
+@pytest.mark.parametrize("isa", ["avx512", "amx"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("m", [1, 16, 17, 70])
 @pytest.mark.parametrize("n", [8, 70, 136])
-def test_amx_dense_path_matches_the_aten_dense_path(bits: int, m: int, n: int) -> None:
-    """AMX tiles from the dot layout vs dequantize-to-bf16 + ATen: the same bf16 weights, fp32 sums."""
+def test_bf16_dense_kernels_match_the_aten_dense_path(isa: str, bits: int, m: int, n: int) -> None:
+    """AMX tiles / vdpbf16ps tiles from the dot layout vs dequantize-to-bf16 + ATen: the same bf16 weights."""
+    if isa not in _bf16_dense_isas():
+        pytest.skip(f"this CPU has no {'AMX-BF16' if isa == 'amx' else 'AVX512-BF16'}")
     spec = QuantSpec(bits, 64)
     qweight, scales, zeros = random_layer(K, n, spec, seed=40 + bits)
     qw, ss = cpu_fused.repack_dot(qweight, scales, zeros, spec)
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
     dense = dict(mode=cpu_fused.MODE_DENSE, layout=cpu_fused.LAYOUT_DOT)
-    amx = cpu_fused.fused_linear(x, qw, ss, spec, n, isa="avx512", **dense)
+    ours = cpu_fused.fused_linear(x, qw, ss, spec, n, isa=isa, **dense)
     aten = cpu_fused.fused_linear(x, qw, ss, spec, n, isa="avx2", **dense)
     w_bf16 = dequantize(qweight, scales, zeros, spec, torch.float64).to(torch.bfloat16).to(torch.float64)
     ref = x.to(torch.float64) @ w_bf16  # the bf16-rounded weight, summed exactly
-    assert amx.dtype == torch.bfloat16 and amx.shape == (m, n)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (m, n)
     # Only the fp32 summation order and the final bf16 rounding of y (2**-9) differ.
-    assert rel_err(amx, ref) < 5e-3 and rel_err(aten, ref) < 5e-3
-    assert rel_err(amx, aten.to(torch.float64)) < 8e-3
+    assert rel_err(ours, ref) < 5e-3 and rel_err(aten, ref) < 5e-3
+    assert rel_err(ours, aten.to(torch.float64)) < 8e-3
+
+
+def test_bf16_dense_kernel_spans_k_tiles() -> None:
+    """K beyond one vdpbf16ps tile (kBf16KC = 2048 inputs) and N not a multiple of the 64-column tile."""
+    if "avx512" not in _bf16_dense_isas():
+        pytest.skip("this CPU has no AVX512-BF16")
+    spec, k, n = QuantSpec(4, 128), 4608, 200
+    qweight, scales, zeros = random_layer(k, n, spec, seed=9)
+    qw, ss = cpu_fused.repack_dot(qweight, scales, zeros, spec)
+    x = torch.randn(13, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y = cpu_fused.fused_linear(x, qw, ss, spec, n, mode=cpu_fused.MODE_DENSE, isa="avx512", layout=cpu_fused.LAYOUT_DOT)
+    w_bf16 = dequantize(qweight, scales, zeros, spec, torch.float64).to(torch.bfloat16).to(torch.float64)
+    assert rel_err(y, x.to(torch.float64) @ w_bf16) < 5e-3
 
 
 @pytest.mark.parametrize("bits", [4])

@@ -14,8 +14,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
 #include <immintrin.h>
 
+#include "qalora_dequant_bf16.h"
 #include "qalora_layout.h"
-#include "qalora_unpack_avx2.h"
 
 namespace qalora {
 namespace {
@@ -46,26 +46,7 @@ void dequant_quad_block(const LayerView& L, int64_t nq, int64_t b, int64_t qi, u
   const int64_t ahead = 4 * L.kb() * 16 * BITS;
   for (int64_t off = 0; off < 16 * BITS; off += 64) _mm_prefetch(reinterpret_cast<const char*>(blk) + ahead + off, _MM_HINT_T0);
   if (b % L.bpg() == 0) _mm_prefetch(reinterpret_cast<const char*>(L.quad_s(nq + 4) + (b / L.bpg()) * 8), _MM_HINT_T0);
-  __m256i v[4];
-  unpack_dot<BITS>(blk, v);
-  // Column c's 8 inputs of dot vector j to qword c (as in dequant_tile_dot).
-  const __m256i by_column = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (int j = 0; j < 4; ++j) v[j] = _mm256_permutevar8x32_epi32(v[j], by_column);
-  // 4x4 qword transpose: cols[c] = column c's inputs 0..31 in order.
-  const __m256i l01 = _mm256_unpacklo_epi64(v[0], v[1]), h01 = _mm256_unpackhi_epi64(v[0], v[1]);
-  const __m256i l23 = _mm256_unpacklo_epi64(v[2], v[3]), h23 = _mm256_unpackhi_epi64(v[2], v[3]);
-  const __m256i cols[4] = {_mm256_permute2x128_si256(l01, l23, 0x20), _mm256_permute2x128_si256(h01, h23, 0x20),
-                           _mm256_permute2x128_si256(l01, l23, 0x31), _mm256_permute2x128_si256(h01, h23, 0x31)};
-  const float* sg = L.quad_s(nq) + (b / L.bpg()) * 8;
-  for (int c = 0; c < 4; ++c) {
-    const __m128i lo8 = _mm256_castsi256_si128(cols[c]), hi8 = _mm256_extracti128_si256(cols[c], 1);
-    const __m512i lo = BITS == 8 ? _mm512_cvtepi8_epi32(lo8) : _mm512_cvtepu8_epi32(lo8);
-    const __m512i hi = BITS == 8 ? _mm512_cvtepi8_epi32(hi8) : _mm512_cvtepu8_epi32(hi8);
-    const __m512 s = _mm512_set1_ps(sg[c]), sz = _mm512_set1_ps(sg[4 + c]);
-    const __m512 wl = _mm512_fmsub_ps(_mm512_cvtepi32_ps(lo), s, sz);
-    const __m512 wh = _mm512_fmsub_ps(_mm512_cvtepi32_ps(hi), s, sz);
-    _mm512_storeu_si512(a + b * kTileElems + (qi * 4 + c) * 32, (__m512i)_mm512_cvtne2ps_pbh(wh, wl));
-  }
+  dequant_quad_block_bf16<BITS>(L, nq, b, a + b * kTileElems + qi * 4 * 32, 32);
 }
 
 // NC column blocks (A tiles 4, 5; their weights at a and a + KC tiles) times NM m-blocks

@@ -45,11 +45,15 @@ bool cpu_has_amx_bf16() {
   return ok;
 }
 
-int64_t cpu_isa_supported() {
-  return cpu_has_avx512() ? kIsaAvx512 : cpu_has_avx2() ? kIsaAvx2 : kIsaScalar;
+bool cpu_has_avx512_bf16() {
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
 }
 
-// The best supported level, capped by QALORA_CPU_ISA (scalar | avx2 | avx512), read
+int64_t cpu_isa_supported() {
+  return cpu_has_amx_bf16() ? kIsaAmx : cpu_has_avx512() ? kIsaAvx512 : cpu_has_avx2() ? kIsaAvx2 : kIsaScalar;
+}
+
+// The best supported level, capped by QALORA_CPU_ISA (scalar | avx2 | avx512 | amx), read
 // once: a debugging and A/B switch, not a tuning knob.
 int64_t cpu_isa() {
   static const int64_t isa = [] {
@@ -57,8 +61,9 @@ int64_t cpu_isa() {
     const char* env = std::getenv("QALORA_CPU_ISA");
     if (env == nullptr || *env == '\0') return best;
     const std::string name(env);
-    const int64_t cap = name == "scalar" ? kIsaScalar : name == "avx2" ? kIsaAvx2 : name == "avx512" ? kIsaAvx512 : -1;
-    TORCH_CHECK(cap >= 0, "QALORA_CPU_ISA must be scalar, avx2 or avx512, got '", name, "'");
+    const int64_t cap = name == "scalar" ? kIsaScalar : name == "avx2" ? kIsaAvx2 : name == "avx512" ? kIsaAvx512
+                        : name == "amx"  ? kIsaAmx : -1;
+    TORCH_CHECK(cap >= 0, "QALORA_CPU_ISA must be scalar, avx2, avx512 or amx, got '", name, "'");
     return cap < best ? cap : best;
   }();
   return isa;
@@ -137,8 +142,7 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
   const int64_t quads = L.quads();
   const bool simd = isa >= qalora::kIsaAvx2;
 
-  if (mode == kDense && isa >= qalora::kIsaAvx512 && layout == qalora::kDotLayout &&
-      x.scalar_type() == at::kBFloat16 && qalora::cpu_has_amx_bf16()) {
+  if (mode == kDense && isa >= qalora::kIsaAmx && layout == qalora::kDotLayout && x.scalar_type() == at::kBFloat16) {
     // AMX tiles straight from the packed layer: no dense copy, no oneDNN reorder.
     const at::Tensor xb = x.contiguous();
     at::Tensor xt = at::empty({qalora::amx_xt_elems(M, K)}, xb.options());
@@ -149,6 +153,21 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     at::parallel_for(0, (quads + 3) / 4, 2, [&](int64_t b, int64_t e) {
       std::vector<uint16_t> wbuf(qalora::amx_weight_buf_elems(K));
       qalora::amx_gemm_dot(L, xtp, M, yp, b, e, wbuf.data());
+    });
+    return y;
+  }
+  if (mode == kDense && isa >= qalora::kIsaAvx512 && layout == qalora::kDotLayout &&
+      x.scalar_type() == at::kBFloat16 && qalora::cpu_has_avx512_bf16()) {
+    // vdpbf16ps over L2-sized bf16 tiles dequantized per call: no dense copy of the layer.
+    const at::Tensor xb = x.contiguous();
+    at::Tensor acc = at::zeros({M, N}, xb.options().dtype(at::kFloat));
+    at::Tensor y = at::empty({M, N}, xb.options());
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
+    uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
+    float* accp = acc.data_ptr<float>();
+    at::parallel_for(0, quads, qalora::kGemmQuads, [&](int64_t b, int64_t e) {
+      const at::Tensor wbuf = at::empty({qalora::kBf16TileElems}, xb.options());  // 64-byte aligned
+      qalora::bf16_gemm_avx512(L, xp, M, accp, yp, b, e, reinterpret_cast<uint16_t*>(wbuf.data_ptr<c10::BFloat16>()));
     });
     return y;
   }
@@ -247,7 +266,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release_gil = py::call_guard<py::gil_scoped_release>;
   m.def("linear", &qalora_linear,
         "y = x @ W for a packed layer (layout 0: quad, 1: plane, 2: dot; isa -1: best, 0: scalar, "
-        "1: avx2, 2: avx512)",
+        "1: avx2, 2: avx512, 3: amx)",
         py::arg("x"), py::arg("qw"), py::arg("ss"), py::arg("bits"), py::arg("group"), py::arg("N"),
         py::arg("mode"), py::arg("isa") = -1, py::arg("layout") = 0, release_gil());
   m.def("rms_norm", &qalora::rms_norm, "(residual += x) then RMSNorm, one pass", py::arg("x"),
@@ -263,7 +282,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("layout") = 0);
   qalora::register_fused_decoder(m);
   m.def("has_avx2", &qalora::cpu_has_avx2, "whether the AVX2/FMA paths can run on this CPU");
-  m.def("isa_supported", &qalora::cpu_isa_supported, "best kernel ISA level of this CPU (0 scalar, 1 avx2, 2 avx512)");
+  m.def("isa_supported", &qalora::cpu_isa_supported,
+        "best kernel ISA level of this CPU (0 scalar, 1 avx2, 2 avx512, 3 amx)");
   m.def("has_amx_bf16", &qalora::cpu_has_amx_bf16, "whether the AMX bf16 prefill path can run here");
+  m.def("has_avx512_bf16", &qalora::cpu_has_avx512_bf16, "whether the AVX512-BF16 prefill path can run here");
   m.def("isa", &qalora::cpu_isa, "the ISA level the kernels use (isa_supported capped by QALORA_CPU_ISA)");
 }

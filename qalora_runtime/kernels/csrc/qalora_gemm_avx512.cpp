@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include "qalora_layout.h"
+#include "qalora_reduce_avx512.h"
 
 namespace qalora {
 namespace {
@@ -26,24 +27,7 @@ void micro512(const float* x, int64_t ldx, const float* w, int64_t kc, float* y,
       for (int m = 0; m < MR; ++m) acc[m][c] = _mm512_fmadd_ps(xv[m], wv, acc[m][c]);
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    // The four columns' sums reduced together (four separate reductions cost a
-    // quarter of a K=576 tile's FMAs): after two shuffle levels each 128-bit lane
-    // holds [c0 c1 c2 c3] partial sums.
-    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(acc[m][0], acc[m][1]), _mm512_unpackhi_ps(acc[m][0], acc[m][1]));
-    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(acc[m][2], acc[m][3]), _mm512_unpackhi_ps(acc[m][2], acc[m][3]));
-    const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
-    const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    float* dst = y + m * ldy;
-    if (ncols >= 4) {
-      _mm_storeu_ps(dst, _mm_add_ps(_mm_loadu_ps(dst), r));
-    } else {
-      alignas(16) float tmp[4];
-      _mm_store_ps(tmp, r);
-      for (int64_t c = 0; c < ncols; ++c) dst[c] += tmp[c];
-    }
-  }
+  for (int m = 0; m < MR; ++m) add_column_sums4(acc[m], y + m * ldy, ncols);
 }
 
 }  // namespace
