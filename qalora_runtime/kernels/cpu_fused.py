@@ -140,6 +140,19 @@ _BF16_PREFILL = bf16_prefill_kernel()  # read once: choose_mode runs for every l
 DENSE_BF16_MIN_M = DENSE_BF16_MIN_M_BY_KERNEL.get(_BF16_PREFILL or "", 0)
 
 
+def set_bf16_prefill_kernel(kernel: str | None) -> str | None:
+    """Let ``choose_mode`` route bf16 large M to ``kernel`` (None: the tiled fp32 GEMM) for A/B benchmarks.
+
+    Returns the previous choice. Only the Python-side mode choice changes: a
+    MODE_DENSE call still runs the best bf16 kernel its ``isa`` allows.
+    """
+    global _BF16_PREFILL
+    if kernel is not None and kernel not in DENSE_BF16_MIN_M_BY_KERNEL:
+        raise ValueError(f"kernel must be None or one of {', '.join(DENSE_BF16_MIN_M_BY_KERNEL)}, got {kernel!r}")
+    previous, _BF16_PREFILL = _BF16_PREFILL, kernel
+    return previous
+
+
 def large_m_mode(dtype: torch.dtype) -> int:
     """The large-M strategy for ``dtype`` activations: MODE_DENSE for bf16 where a bf16 kernel runs, else the tiled GEMM."""
     return MODE_DENSE if dtype == torch.bfloat16 and _BF16_PREFILL is not None else MODE_GEMM

@@ -392,3 +392,18 @@ def test_set_gemm_min_m_moves_the_switch_choose_mode_reads() -> None:
         finally:
             assert cpu_fused.set_gemm_min_m(layout, dtype, kept) == 5
         assert cpu_fused.gemm_min_m(layout, dtype) == kept
+
+
+def test_set_bf16_prefill_kernel_routes_large_m_to_the_tiled_gemm_and_back() -> None:
+    dot, bf16 = cpu_fused.LAYOUT_DOT, torch.bfloat16
+    with pytest.raises(ValueError, match="kernel must be None or one of"):
+        cpu_fused.set_bf16_prefill_kernel("mkl")
+    kept = cpu_fused.set_bf16_prefill_kernel(None)
+    try:
+        assert cpu_fused.large_m_mode(bf16) == cpu_fused.MODE_GEMM
+        assert cpu_fused.gemm_min_m(dot, bf16) == cpu_fused.GEMM_MIN_M[dot]
+        assert cpu_fused.choose_mode(cpu_fused.GEMM_MIN_M[dot], dot, bf16) == cpu_fused.MODE_GEMM
+    finally:
+        assert cpu_fused.set_bf16_prefill_kernel(kept) is None
+    assert cpu_fused.bf16_prefill_kernel() == kept
+    assert cpu_fused.large_m_mode(torch.float32) == cpu_fused.MODE_GEMM

@@ -45,7 +45,8 @@ void plane_pair(const LayerView& L, int64_t no, const float* prep, int64_t m0, f
   const float* sb = L.oct_s(two ? no + 1 : no);
   // Prefetch ~2 KB ahead in both streams; an oct shorter than that (small K) looks
   // at the next pair instead, whose two streams would otherwise start cold.
-  const int64_t oct_bytes = KB * BITS * 32, ahead = oct_bytes < 2048 ? 2 * oct_bytes : 2048;
+  const int64_t oct_bytes = KB * BITS * 32, ahead = oct_bytes <= 4096 ? 2 * oct_bytes : 2048;
+  const int64_t oct_s_bytes = G * 64, ahead_s = oct_bytes <= 4096 ? 2 * oct_s_bytes : 2048 / BITS;
   const float* tabs[MR];
   const float* xs[MR];
   __m512 facc[MR], zacc[MR];
@@ -77,8 +78,8 @@ void plane_pair(const LayerView& L, int64_t no, const float* prep, int64_t m0, f
         }
       }
     }
-    _mm_prefetch(reinterpret_cast<const char*>(sa + g * 16) + ahead / BITS, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(sb + g * 16) + ahead / BITS, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(sa + g * 16) + ahead_s, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(sb + g * 16) + ahead_s, _MM_HINT_T0);
     const __m512 s = pair_load_ps(sa + g * 16, sb + g * 16);
     const __m512 sz = pair_load_ps(sa + g * 16 + 8, sb + g * 16 + 8);
     for (int m = 0; m < MR; ++m) {
