@@ -16,6 +16,7 @@
 
 #include "qalora_dequant_bf16.h"
 #include "qalora_layout.h"
+#include "qalora_shuffle_avx512.h"
 
 namespace qalora {
 namespace {
@@ -77,31 +78,6 @@ void tile_product(const uint16_t* a, const uint16_t* xt, int64_t KC, int64_t mb0
   if constexpr (NM > 1) _tile_stored(1, cbuf + 256, 64);
   if constexpr (NC > 1) _tile_stored(2, cbuf + 512, 64);
   if constexpr (NC > 1 && NM > 1) _tile_stored(3, cbuf + 768, 64);
-}
-
-// t[j][i] = c[i][j] for a 16 x 16 fp32 tile (64 shuffles, no gathers): 4x4 transposes
-// inside each 128-bit lane of four rows at a time, then a 4x4 transpose of lanes.
-static inline void transpose16(const float* c, __m512 t[16]) {
-  __m512 b[4][4];  // b[g][k] lane L: rows 4g..4g+3 at column 4L + k
-  for (int g = 0; g < 4; ++g) {
-    const float* r = c + g * 64;
-    const __m512 r0 = _mm512_load_ps(r), r1 = _mm512_load_ps(r + 16), r2 = _mm512_load_ps(r + 32),
-                 r3 = _mm512_load_ps(r + 48);
-    const __m512 a0 = _mm512_unpacklo_ps(r0, r1), a1 = _mm512_unpackhi_ps(r0, r1);
-    const __m512 a2 = _mm512_unpacklo_ps(r2, r3), a3 = _mm512_unpackhi_ps(r2, r3);
-    b[g][0] = _mm512_shuffle_ps(a0, a2, 0x44);
-    b[g][1] = _mm512_shuffle_ps(a0, a2, 0xEE);
-    b[g][2] = _mm512_shuffle_ps(a1, a3, 0x44);
-    b[g][3] = _mm512_shuffle_ps(a1, a3, 0xEE);
-  }
-  for (int k = 0; k < 4; ++k) {
-    const __m512 c0 = _mm512_shuffle_f32x4(b[0][k], b[1][k], 0x44), c1 = _mm512_shuffle_f32x4(b[0][k], b[1][k], 0xEE);
-    const __m512 c2 = _mm512_shuffle_f32x4(b[2][k], b[3][k], 0x44), c3 = _mm512_shuffle_f32x4(b[2][k], b[3][k], 0xEE);
-    t[k] = _mm512_shuffle_f32x4(c0, c2, 0x88);
-    t[4 + k] = _mm512_shuffle_f32x4(c0, c2, 0xDD);
-    t[8 + k] = _mm512_shuffle_f32x4(c1, c3, 0x88);
-    t[12 + k] = _mm512_shuffle_f32x4(c1, c3, 0xDD);
-  }
 }
 
 // Column block cb (quads 4cb .. 4cb+3) -> its KC A tiles at a (missing quads as zeros).

@@ -8,7 +8,7 @@
 #include <immintrin.h>
 
 #include "qalora_layout.h"
-#include "qalora_reduce_avx512.h"
+#include "qalora_shuffle_avx512.h"
 
 namespace qalora {
 namespace {

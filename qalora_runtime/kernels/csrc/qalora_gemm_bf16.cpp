@@ -2,50 +2,77 @@
 // have AVX512_BF16 but no AMX (AMD Zen 4/5, Intel Cooper Lake).
 //
 // There oneDNN runs dense bf16 GEMM with vdpbf16ps (two multiply-adds per fp32
-// lane and instruction), about 2-4x its fp32 GEMM, so the exact fp32 tiled GEMM
-// reached only ~0.5x of dense bf16. This is that tiled GEMM with the tile rounded
-// to bf16 (round to nearest even, the rounding a bf16 dense weight has) and the
-// 16-lane FMA replaced by vdpbf16ps over 32 inputs: the same L2-sized tiles
-// (dequant_tile_avx2, any layout), the same 6/4/1-row x 4-column register blocks,
-// fp32 accumulation into a per-call fp32 y, and each finished column tile of y
+// lane and instruction), 2-3x its fp32 GEMM, so the exact fp32 tiled GEMM reached
+// only ~0.5x of dense bf16. Here a tile of 64 output columns x kBf16KC inputs is
+// dequantized per call straight from the dot layout into bf16 (each weight rounded
+// once, to nearest even, as a bf16 dense weight is) in pair-interleaved order
+// w[input pair][column][2], and an outer-product micro-kernel multiplies it with
+// 6 rows at a time: per input pair, 4 vector loads of the tile (64 columns), one
+// broadcast of each row's pair and 24 vdpbf16ps into 6 x 64 fp32 sums. Lanes run
+// over columns, so no horizontal reduction is needed (a K-lane kernel spent ~14%
+// on them at K = 576). Sums go to a per-call fp32 y; each finished column tile is
 // rounded to bf16 by the thread that computed it.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "qalora_dequant_bf16.h"
 #include "qalora_layout.h"
-#include "qalora_reduce_avx512.h"
+#include "qalora_shuffle_avx512.h"
 
 namespace qalora {
 namespace {
 
-// y[m, c] += sum_k x[m, k] * w[c, k] for MR rows and 4 columns over kc inputs (kc % 32 == 0).
+constexpr int64_t kTileCols = kGemmQuads * 4;  // 64 columns: 4 vectors of 16
+constexpr int64_t kPairRow = kTileCols * 2;    // bf16 elements of one input pair's row of the tile
+
+// y[m, :ncols] += x[m, 2p .. 2p+1] . w[p] over npairs input pairs, for MR rows.
 template <int MR>
-void micro_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t kc, float* y, int64_t ldy,
-                int64_t ncols) {
+void micro_pairs(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t npairs, float* y, int64_t ldy,
+                 int64_t ncols) {
   __m512 acc[MR][4];
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; k += 32) {
-    __m512bh xv[MR];
-    for (int m = 0; m < MR; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
-    for (int c = 0; c < 4; ++c) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + c * kBf16KC + k);
-      for (int m = 0; m < MR; ++m) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], xv[m], wv);
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < npairs; ++p) {
+    __m512bh wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_load_si512(w + p * kPairRow + 32 * j);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * ldx + 2 * p, sizeof pair);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, wv[j]);
     }
   }
-  for (int m = 0; m < MR; ++m) add_column_sums4(acc[m], y + m * ldy, ncols);
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4 && 16 * j < ncols; ++j) {
+      const int64_t left = ncols - 16 * j;
+      const __mmask16 keep = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+      float* dst = y + m * ldy + 16 * j;
+      _mm512_mask_storeu_ps(dst, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, dst), acc[m][j]));
+    }
 }
 
-// Quads [qt, qt + nquads) x blocks [b0, b0 + nb) of a dot-layout layer -> w[(qi*4 + c) * kBf16KC + k].
+// Quads [qt, qt + nquads) x blocks [b0, b0 + nb) of a dot-layout layer -> the
+// pair-interleaved tile w[(b - b0) * 16 + p][column][2]: per 16 columns and block,
+// 16 columns x 16 pairs (dwords) dequantized, then transposed in registers.
 template <int BITS>
-void dequant_tile_bf16(const LayerView& L, int64_t qt, int64_t nquads, int64_t b0, int64_t nb, uint16_t* w) {
-  for (int64_t qi = 0; qi < nquads; ++qi) {
-    const uint8_t* stream = L.quad_q(qt + qi);
+void dequant_tile_pairs(const LayerView& L, int64_t qt, int64_t nquads, int64_t b0, int64_t nb, uint16_t* w) {
+  alignas(64) uint16_t rows[16 * 32];  // column r's 32 inputs at rows + 32 r
+  __m512 t[16];
+  for (int64_t cg = 0; cg * 4 < nquads; ++cg) {
+    const int64_t live = nquads - cg * 4 < 4 ? nquads - cg * 4 : 4;
+    if (live < 4) std::memset(rows, 0, sizeof rows);  // the tile's missing quads as zero columns
     for (int64_t b = b0; b < b0 + nb; ++b) {
-      // A quad's blocks are one contiguous stream: keep 1 KB of it in flight.
-      _mm_prefetch(reinterpret_cast<const char*>(stream + (b * 16 + 1024 / BITS) * BITS), _MM_HINT_T0);
-      dequant_quad_block_bf16<BITS>(L, qt + qi, b, w + qi * 4 * kBf16KC + (b - b0) * 32, kBf16KC);
+      for (int64_t qi = 0; qi < live; ++qi) {
+        const int64_t q = qt + cg * 4 + qi;
+        // Each quad's blocks are one contiguous stream: keep 1 KB of it in flight.
+        _mm_prefetch(reinterpret_cast<const char*>(L.quad_q(q) + b * 16 * BITS) + 1024, _MM_HINT_T0);
+        dequant_quad_block_bf16<BITS>(L, q, b, rows + qi * 4 * 32, 32);
+      }
+      transpose16(reinterpret_cast<const float*>(rows), t);  // t[p] lane c: column c's pair p
+      uint16_t* dst = w + (b - b0) * 16 * kPairRow + cg * 32;
+      for (int p = 0; p < 16; ++p) _mm512_store_si512(dst + p * kPairRow, _mm512_castps_si512(t[p]));
     }
   }
 }
@@ -55,13 +82,10 @@ void store_rows_bf16(const float* y, int64_t M, int64_t N, int64_t n0, int64_t n
   for (int64_t m = 0; m < M; ++m) {
     const float* src = y + m * N + n0;
     uint16_t* dst = out + m * N + n0;
-    int64_t c = 0;
-    for (; c + 16 <= ncols; c += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + c)));
-    if (c < ncols) {
-      const __mmask16 tail = static_cast<__mmask16>((1u << (ncols - c)) - 1);
-      const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail, src + c));
-      _mm256_mask_storeu_epi16(dst + c, tail, (__m256i)v);
+    for (int64_t c = 0; c < ncols; c += 16) {
+      const __mmask16 keep =
+          ncols - c >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (ncols - c)) - 1u);
+      _mm256_mask_storeu_epi16(dst + c, keep, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(keep, src + c)));
     }
   }
 }
@@ -72,28 +96,16 @@ void bf16_gemm_range(const LayerView& L, const uint16_t* x, int64_t M, float* y,
   const int64_t K = L.K;
   for (int64_t qt = q0; qt < q1; qt += kGemmQuads) {
     const int64_t nquads = q1 - qt < kGemmQuads ? q1 - qt : kGemmQuads;
-    const int64_t tile_cols = L.N - qt * 4 < nquads * 4 ? L.N - qt * 4 : nquads * 4;
+    const int64_t n0 = qt * 4, ncols = L.N - n0 < nquads * 4 ? L.N - n0 : nquads * 4;
     for (int64_t k0 = 0; k0 < K; k0 += kBf16KC) {
       const int64_t kc = K - k0 < kBf16KC ? K - k0 : kBf16KC;
-      dequant_tile_bf16<BITS>(L, qt, nquads, k0 / 32, kc / 32, w);
+      dequant_tile_pairs<BITS>(L, qt, nquads, k0 / 32, kc / 32, w);
       int64_t m = 0;
-      for (; m + 6 <= M; m += 6)
-        for (int64_t qi = 0; qi < nquads; ++qi) {
-          const int64_t n0 = (qt + qi) * 4, ncols = L.N - n0 < 4 ? L.N - n0 : 4;
-          micro_bf16<6>(x + m * K + k0, K, w + qi * 4 * kBf16KC, kc, y + m * L.N + n0, L.N, ncols);
-        }
-      for (; m + 4 <= M; m += 4)
-        for (int64_t qi = 0; qi < nquads; ++qi) {
-          const int64_t n0 = (qt + qi) * 4, ncols = L.N - n0 < 4 ? L.N - n0 : 4;
-          micro_bf16<4>(x + m * K + k0, K, w + qi * 4 * kBf16KC, kc, y + m * L.N + n0, L.N, ncols);
-        }
-      for (; m < M; ++m)
-        for (int64_t qi = 0; qi < nquads; ++qi) {
-          const int64_t n0 = (qt + qi) * 4, ncols = L.N - n0 < 4 ? L.N - n0 : 4;
-          micro_bf16<1>(x + m * K + k0, K, w + qi * 4 * kBf16KC, kc, y + m * L.N + n0, L.N, ncols);
-        }
+      for (; m + 6 <= M; m += 6) micro_pairs<6>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols);
+      for (; m + 4 <= M; m += 4) micro_pairs<4>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols);
+      for (; m < M; ++m) micro_pairs<1>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols);
     }
-    store_rows_bf16(y, M, L.N, qt * 4, tile_cols, out);
+    store_rows_bf16(y, M, L.N, n0, ncols, out);
   }
 }
 
