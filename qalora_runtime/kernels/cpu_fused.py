@@ -154,7 +154,7 @@ def set_bf16_prefill_kernel(kernel: str | None) -> str | None:
 
 
 def large_m_mode(dtype: torch.dtype) -> int:
-    """The large-M strategy for ``dtype`` activations: MODE_DENSE for bf16 where a bf16 kernel runs, else the tiled GEMM."""
+    """The large-M strategy for ``dtype``: MODE_DENSE for bf16 where a bf16 kernel runs, else the tiled GEMM."""
     return MODE_DENSE if dtype == torch.bfloat16 and _BF16_PREFILL is not None else MODE_GEMM
 
 

@@ -380,6 +380,13 @@ def test_real_smollm2_layers(smollm2_dir, module: str) -> None:
     y = cpu_fused.fused_linear(x, qw, ss, spec, cols, mode=MODES["q8"], layout=cpu_fused.LAYOUT_DOT)
     assert rel_err(y, int8_activations(x) @ w) < 1e-5
     assert rel_err(y, ref) < 3e-2
+    # bf16 large-M kernels (AMX / vdpbf16ps, and the ATen fallback at avx2): the bf16-rounded weight.
+    xb = x.to(torch.bfloat16)
+    ref_bf16 = xb.to(torch.float64) @ w.to(torch.bfloat16).to(torch.float64)
+    for isa in ["avx2", *_bf16_dense_isas()]:
+        y = cpu_fused.fused_linear(xb, qw, ss, spec, cols, mode=cpu_fused.MODE_DENSE, isa=isa,
+                                   layout=cpu_fused.LAYOUT_DOT)
+        assert rel_err(y, ref_bf16) < 5e-3, (spec.bits, isa)
 
 
 def test_set_gemm_min_m_moves_the_switch_choose_mode_reads() -> None:
