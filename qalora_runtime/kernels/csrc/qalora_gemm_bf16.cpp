@@ -2,15 +2,16 @@
 // have AVX512_BF16 but no AMX (AMD Zen 4/5, Intel Cooper Lake).
 //
 // There oneDNN runs dense bf16 GEMM with vdpbf16ps (two multiply-adds per fp32
-// lane and instruction), 2-3x its fp32 GEMM, so the exact fp32 tiled GEMM reached
+// lane and instruction), 2-4x its fp32 GEMM, so the exact fp32 tiled GEMM reached
 // only ~0.5x of dense bf16. Here a tile of 64 output columns x kBf16KC inputs is
 // dequantized per call straight from the dot layout into bf16 (each weight rounded
 // once, to nearest even, as a bf16 dense weight is) in pair-interleaved order
 // w[input pair][column][2], and an outer-product micro-kernel multiplies it with
 // 6 rows at a time: per input pair, 4 vector loads of the tile (64 columns), one
 // broadcast of each row's pair and 24 vdpbf16ps into 6 x 64 fp32 sums. Lanes run
-// over columns, so no horizontal reduction is needed (a K-lane kernel spent ~14%
-// on them at K = 576). Sums go to a per-call fp32 y; each finished column tile is
+// over columns, so no horizontal reduction is needed (a K-lane kernel's per-call
+// reductions were ~14% of its instructions at K = 576, and it measured 4-10%
+// slower). Sums go to a per-call fp32 y; each finished column tile is
 // rounded to bf16 by the thread that computed it.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 #include <immintrin.h>
