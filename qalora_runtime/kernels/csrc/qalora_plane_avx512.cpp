@@ -43,8 +43,9 @@ void plane_pair(const LayerView& L, int64_t no, const float* prep, int64_t m0, f
   const uint32_t* pb = L.oct_planes(two ? no + 1 : no);
   const float* sa = L.oct_s(no);
   const float* sb = L.oct_s(two ? no + 1 : no);
-  // Prefetch ~2 KB ahead in both streams; an oct shorter than that (small K) looks
-  // at the next pair instead, whose two streams would otherwise start cold.
+  // Prefetch ~2 KB ahead in both streams (and the scale streams); an oct of at most
+  // 4 KB (SmolLM2's K) looks at the same place of the next pair instead, whose two
+  // streams would otherwise start cold (a pair's octs are adjacent in memory).
   const int64_t oct_bytes = KB * BITS * 32, ahead = oct_bytes <= 4096 ? 2 * oct_bytes : 2048;
   const int64_t oct_s_bytes = G * 64, ahead_s = oct_bytes <= 4096 ? 2 * oct_s_bytes : 2048 / BITS;
   const float* tabs[MR];
