@@ -36,11 +36,9 @@ def main() -> None:
     model, cfg = load_model(ensure_default_model(), args.dtype)
     # The default model's linears are 4-bit: the layout they get for this dtype.
     key = cpu_fused.layout_for(QuantSpec(4, 32), model.dtype)
-    kept = cpu_fused.gemm_min_m(key, model.dtype)
+    kept = cpu_fused.gemm_min_m(key, model.dtype)  # the switch of the kernel in use
+    kept_gemm = cpu_fused.GEMM_MIN_M[key]  # the tiled GEMM's, which V:gemm columns move
     kept_kernel = cpu_fused.bf16_prefill_kernel()
-    cpu_fused.set_bf16_prefill_kernel(None)
-    kept_gemm = cpu_fused.gemm_min_m(key, model.dtype)  # the tiled GEMM's switch
-    cpu_fused.set_bf16_prefill_kernel(kept_kernel)
     columns = {v: (int(v.split(":")[0]), v.endswith(":gemm")) for v in args.values}
     print("| prompt tokens | " + " | ".join(f"GEMM_MIN_M {v}" for v in args.values) + " |")
     print("|---|" + "---|" * len(args.values))
@@ -60,8 +58,7 @@ def main() -> None:
                     best[v] = min(best[v], time.perf_counter() - start)
             print(f"| {n} | " + " | ".join(f"{best[v] * 1e3:.1f} ms" for v in args.values) + " |", flush=True)
     finally:
-        cpu_fused.set_bf16_prefill_kernel(None)
-        cpu_fused.set_gemm_min_m(key, model.dtype, kept_gemm)
+        cpu_fused.GEMM_MIN_M[key] = kept_gemm
         cpu_fused.set_bf16_prefill_kernel(kept_kernel)
         cpu_fused.set_gemm_min_m(key, model.dtype, kept)
 

@@ -3,7 +3,7 @@
 ``cpu_fused`` runs small M as a GEMV (``q8`` for bf16 activations, exact ``f32``
 for fp32) and large M either as its own tiled dequantize-and-multiply GEMM
 (``gemm``) or by dequantizing the layer into x's dtype and calling ATen's GEMM
-(``dense``: the AMX kernel on AMX CPUs for bf16, else oneDNN/MKL);
+(``dense``: for bf16 the AMX or AVX512-BF16 kernel where the CPU has one, else oneDNN/MKL);
 ``gemm_min_m()`` and ``large_m_mode()`` in ``kernels/cpu_fused.py`` are the switch. This bench times
 the three on the same layers (a pool larger than L3, as in ``qalora bench
 kernels``) for every M in ``--m`` and prints, per shape, bit width and dtype,

@@ -189,7 +189,7 @@ class CpuFusedKernel(LinearKernel):
 
     The weight stays packed (``bits/8`` bytes per weight plus fp32 scale and
     scale*zero per group); no dense copy of a layer is ever kept (only an explicit
-    ``MODE_DENSE`` call off the AMX path dequantizes into a per-thread scratch).
+    ``MODE_DENSE`` call that neither bf16 kernel takes dequantizes into a per-thread scratch).
     """
 
     name = "cpu_fused"

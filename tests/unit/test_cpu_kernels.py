@@ -216,8 +216,9 @@ def _bf16_dense_isas() -> list[str]:
     ext = cpu_fused._ext
     if ext is None:
         return []
-    return (["avx512"] if ext.isa_supported() >= 2 and ext.has_avx512_bf16() else []) + (
-        ["amx"] if ext.isa_supported() >= 3 else [])
+    best = ext.isa_supported()
+    return (["avx512"] if best >= cpu_fused.ISAS["avx512"] and ext.has_avx512_bf16() else []) + (
+        ["amx"] if best >= cpu_fused.ISAS["amx"] else [])
 
 
 @pytest.mark.parametrize("isa", ["avx512", "amx"])

@@ -172,8 +172,9 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     return y;
   }
   if (simd && mode == kDense) {
-    // Dequantize W^T once in x's dtype (bf16 rounded, fp32 exact) and let ATen's
-    // GEMM (oneDNN / MKL, AMX tiles where the CPU has them) do the multiply.
+    // Fallback (fp32 x, non-dot layouts, CPUs without AVX512-BF16, ISA caps):
+    // dequantize W^T once in x's dtype (bf16 rounded, fp32 exact) and let ATen's
+    // GEMM (oneDNN / MKL) do the multiply.
     const bool bf16 = x.scalar_type() == at::kBFloat16;
     at::Tensor w = dense_scratch(N * K, x.scalar_type()).narrow(0, 0, N * K).view({N, K});
     void* wp = w.data_ptr();

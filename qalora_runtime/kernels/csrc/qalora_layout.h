@@ -161,7 +161,7 @@ void dequant_tile_avx2(const LayerView& L, int64_t qt, int64_t nquads, int64_t k
 // The same tiled GEMM with a 16-lane micro-kernel (qalora_gemm_avx512.cpp).
 void f32_gemm_avx512(const LayerView& L, const float* x, int64_t M, float* y, int64_t q0, int64_t q1,
                      float* buf);
-// Large-M path that hands the multiply to ATen (oneDNN/MKL, AMX where present):
+// MODE_DENSE fallback (no bf16 kernel of ours applies) that hands the multiply to ATen:
 // W^T [N, K] (row n = output feature n) dequantized exactly in fp32, or rounded to
 // bf16 (round to nearest even), for quads [q0, q1). `buf` as for f32_gemm_avx2.
 void dequant_dense_avx2(const LayerView& L, void* out, bool bf16, int64_t q0, int64_t q1, float* buf);
