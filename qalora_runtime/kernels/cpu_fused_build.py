@@ -28,7 +28,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("qalora_cpu.cpp", "qalora_gemv_avx2.cpp", "qalora_gemv_avx512.cpp", "qalora_dot_avx2.cpp",
            "qalora_dot_avx512.cpp", "qalora_gemm_avx2.cpp", "qalora_gemm_avx512.cpp", "qalora_gemm_bf16.cpp",
            "qalora_plane_avx2.cpp", "qalora_plane_avx512.cpp", "qalora_amx.cpp", "qalora_ops.cpp",
-           "qalora_decode.cpp")
+           "qalora_attention.cpp", "qalora_decode.cpp")
 EXT_NAME = "qalora_cpu_fused"
 CACHE_ENV = "QALORA_CACHE_DIR"
 

@@ -131,9 +131,12 @@ def _reference_attention(q, cache, tables, lengths, window, scale):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+# One long sequence on 2-3 threads is cut into token spans whose partial softmaxes
+# are merged; a window moves the first span's start.
 @pytest.mark.parametrize("lengths,window", [([1], None), ([37], None), ([300, 5, 64, 17, 1], None),
-                                            ([300, 40], 32), ([10], 32)])
-@pytest.mark.parametrize("threads", [1, 2])
+                                            ([300, 40], 32), ([10], 32), ([300], None), ([300], 100),
+                                            ([250, 97], None)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_decode_attention_matches_reference_and_fallback(dtype, lengths, window, threads, monkeypatch):
     q, cache, tables, meta = _paged(lengths, window, dtype)
     assert layer_ops.decode_attention_available(q, cache)
