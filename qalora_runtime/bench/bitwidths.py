@@ -26,6 +26,7 @@ from ..quant.spec import QuantSpec
 from .common import (
     DTYPES,
     add_layer_options,
+    apply_layer_options,
     check_layer_options,
     positive_int,
     random_layer,
@@ -83,8 +84,7 @@ def interleaved_times(variants: dict[str, tuple], x: torch.Tensor, seconds: floa
 def main(argv: Sequence[str] | None = None) -> int:
     """Print, per shape and dtype, interleaved timings of 2/3/4-bit and their ratios to 4-bit."""
     args = _parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_layer_options(args)
     out = sys.stdout
     out.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads, group {args.group}, M={args.m}\n")
     for k, n in args.shapes:

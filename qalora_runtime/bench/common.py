@@ -124,6 +124,17 @@ def add_layer_options(p: argparse.ArgumentParser, shapes: str, dtypes: str, thre
     p.add_argument("--pool-mib", type=float, default=default_pool_mib(),
                    help="MiB of distinct layers cycled per timing (default: 3x this CPU's L3, >= 96)")
     p.add_argument("--threads", type=int, default=threads, help="torch threads (0: leave as is)")
+    p.add_argument("--fp32-matmul-precision", choices=("highest", "high", "medium"), default=None,
+                   help="torch.set_float32_matmul_precision for the run ('medium' lets fp32 layers "
+                        "prefill with bf16 products; default: leave torch's setting)")
+
+
+def apply_layer_options(args: argparse.Namespace) -> None:
+    """Apply the process-wide options of ``add_layer_options``: thread count and fp32 matmul precision."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.fp32_matmul_precision:
+        torch.set_float32_matmul_precision(args.fp32_matmul_precision)
 
 
 def check_layer_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

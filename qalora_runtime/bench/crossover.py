@@ -3,7 +3,8 @@
 ``cpu_fused`` runs small M as a GEMV (``q8`` for bf16 activations, exact ``f32``
 for fp32) and large M either as its own tiled dequantize-and-multiply GEMM
 (``gemm``) or by dequantizing the layer into x's dtype and calling ATen's GEMM
-(``dense``: for bf16 the AMX or AVX512-BF16 kernel where the CPU has one, else oneDNN/MKL);
+(``dense``: for bf16 the AMX or AVX512-BF16 kernel where the CPU has one, else oneDNN/MKL;
+for fp32 on such a CPU also ``bf16_gemm``, the opt-in bf16-product prefill);
 ``gemm_min_m()`` and ``large_m_mode()`` in ``kernels/cpu_fused.py`` are the switch. This bench times
 the three on the same layers (a pool larger than L3, as in ``qalora bench
 kernels``) for every M in ``--m`` and prints, per shape, bit width and dtype,
@@ -24,6 +25,7 @@ from ..quant.spec import QuantSpec
 from .common import (
     DTYPES,
     add_layer_options,
+    apply_layer_options,
     bit_width,
     check_layer_options,
     csv_list,
@@ -61,16 +63,16 @@ def crossover_m(gemv_s: Sequence[float], gemm_s: Sequence[float], ms: Sequence[i
 
 
 LAYOUT_NAMES = {cpu_fused.LAYOUT_QUAD: "quad", cpu_fused.LAYOUT_PLANE: "plane", cpu_fused.LAYOUT_DOT: "dot"}
-LARGE_M_NAMES = {cpu_fused.MODE_GEMM: "gemm", cpu_fused.MODE_DENSE: "dense"}
+LARGE_M_NAMES = {cpu_fused.MODE_GEMM: "gemm", cpu_fused.MODE_DENSE: "dense", cpu_fused.MODE_BF16_GEMM: "bf16_gemm"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the GEMV/GEMM/dense timing table per layer and the measured crossovers; returns an exit code."""
     args = _parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_layer_options(args)
     out = sys.stdout
-    out.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads, group {args.group}\n")
+    out.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads, group {args.group}, "
+              f"fp32 matmul precision {torch.get_float32_matmul_precision()}\n")
     for k, n in args.shapes:
         for bits in args.bits:
             spec = QuantSpec(bits, args.group)
@@ -83,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pool = weight_pool(first, args.pool_mib)
                 gemv_mode = cpu_fused.MODE_Q8 if layout == cpu_fused.LAYOUT_DOT else cpu_fused.MODE_F32
                 modes = {"gemv": gemv_mode, "gemm": cpu_fused.MODE_GEMM, "dense": cpu_fused.MODE_DENSE}
+                if dtype == torch.float32 and cpu_fused.bf16_prefill_kernel() is not None:
+                    modes["bf16_gemm"] = cpu_fused.MODE_BF16_GEMM  # bf16 products, opt-in for fp32
                 times: dict[str, list[float]] = {name: [] for name in modes}
                 for m in args.m:
                     x = torch.randn(m, k).to(dtype)
@@ -91,17 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                             lambda w, x=x, spec=spec, n=n, mode=mode, layout=layout: cpu_fused.fused_linear(
                                 x, w["qw"], w["ss"], spec, n, mode=mode, layout=layout),
                             pool, args.min_time))
-                found = {name: crossover_m(times["gemv"], times[name], args.m) for name in ("gemm", "dense")}
+                large = [name for name in modes if name != "gemv"]
+                found = ", ".join(f"{name} {crossover_m(times['gemv'], times[name], args.m) or 'none'}"
+                                  for name in large)
                 chosen = LARGE_M_NAMES[cpu_fused.large_m_mode(dtype)]
-                out.write(f"\nK={k} N={n} {bits}-bit {dname}: crossover M = gemm {found['gemm'] or 'none'}, "
-                          f"dense {found['dense'] or 'none'} (dispatcher: GEMM_MIN_M = "
+                out.write(f"\nK={k} N={n} {bits}-bit {dname}: crossover M = {found} (dispatcher: GEMM_MIN_M = "
                           f"{cpu_fused.gemm_min_m(layout, dtype)}, {chosen}, {LAYOUT_NAMES[layout]} layout)\n")
-                out.write(f"  {'M':>4} {'gemv us':>10} {'gemm us':>10} {'dense us':>10}  fastest\n")
+                out.write(f"  {'M':>4}" + "".join(f" {name + ' us':>12}" for name in modes) + "  fastest\n")
                 for i, m in enumerate(args.m):
                     row = {name: t[i] for name, t in times.items()}
                     best = min(row, key=row.get)
-                    out.write(f"  {m:>4} {row['gemv'] * 1e6:10.1f} {row['gemm'] * 1e6:10.1f} "
-                              f"{row['dense'] * 1e6:10.1f}  {best}\n")
+                    out.write(f"  {m:>4}" + "".join(f" {row[name] * 1e6:12.1f}" for name in modes) + f"  {best}\n")
                 out.flush()
     return 0
 

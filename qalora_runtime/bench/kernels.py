@@ -22,6 +22,7 @@ from ..quant.spec import QuantSpec
 from .common import (
     DTYPES,
     add_layer_options,
+    apply_layer_options,
     bit_width,
     check_layer_options,
     csv_list,
@@ -128,12 +129,12 @@ def _fmt(row: _Row, fp32: _Row, bf16: _Row) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the kernel benchmark tables; returns a process exit code."""
     args = _parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_layer_options(args)
     ms, bits_list, shapes = args.m, args.bits, args.shapes
     out = sys.stdout
     out.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"CPU capability {torch.backends.cpu.get_cpu_capability()}, group {args.group}\n")
+              f"CPU capability {torch.backends.cpu.get_cpu_capability()}, group {args.group}, "
+              f"fp32 matmul precision {torch.get_float32_matmul_precision()}\n")
     out.write(f"streaming read bandwidth: {streaming_read_gbps():.1f} GB/s\n")
     for k, n in shapes:
         dense = _dense_rows(k, n, ms, args)

@@ -22,6 +22,11 @@ layout has one GEMV for small ``M`` plus the shared tiled GEMM for large ``M``:
   (``csrc/qalora_gemm_bf16.cpp``); elsewhere the layer is dequantized into x's
   dtype and ATen's GEMM does the multiply. Weights are rounded once to bf16,
   as a bf16 dense weight is.
+* ``bf16_gemm`` (large M of fp32 layers, opt-in): the vdpbf16ps kernel on any
+  layout, with x rounded to bf16 and the fp32 sums returned. It runs only when
+  ``torch.set_float32_matmul_precision("medium")`` allows bf16 products in fp32
+  matmuls (PyTorch's own switch, which oneDNN honours the same way); the default
+  ``"highest"`` keeps the exact tiled GEMM.
 
 Each path has an AVX2 version and, for most, an AVX-512 one the C++ side picks
 at run time (``isa=``, ``QALORA_CPU_ISA``). If the extension cannot be built
@@ -39,7 +44,7 @@ from .cpu_fused_build import load_extension
 from .cpu_fused_pack import repack, repack_dot, repack_planes
 from .registry import LinearKernel, register_kernel
 
-MODE_Q8, MODE_F32, MODE_GEMM, MODE_DENSE = 0, 1, 2, 3
+MODE_Q8, MODE_F32, MODE_GEMM, MODE_DENSE, MODE_BF16_GEMM = 0, 1, 2, 3, 4
 #: Kernel instruction-set levels (``isa=``): the C++ side runs the best one the CPU
 #: has unless told a lower one here or capped by ``QALORA_CPU_ISA``. ``amx`` is
 #: ``avx512`` plus the AMX bf16 large-M kernel.
@@ -154,12 +159,24 @@ def set_bf16_prefill_kernel(kernel: str | None) -> str | None:
 
 
 def large_m_mode(dtype: torch.dtype) -> int:
-    """The large-M strategy for ``dtype``: MODE_DENSE for bf16 where a bf16 kernel runs, else the tiled GEMM."""
-    return MODE_DENSE if dtype == torch.bfloat16 and _BF16_PREFILL is not None else MODE_GEMM
+    """The large-M strategy for ``dtype`` where a bf16 kernel runs: MODE_DENSE for bf16, MODE_BF16_GEMM
+    for fp32 when ``torch.get_float32_matmul_precision()`` is ``"medium"``; else the tiled GEMM."""
+    if _BF16_PREFILL is None:
+        return MODE_GEMM
+    if dtype == torch.bfloat16:
+        return MODE_DENSE
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "medium":
+        return MODE_BF16_GEMM
+    return MODE_GEMM
 
 
 def gemm_min_m(layout: int, dtype: torch.dtype) -> int | None:
-    """Smallest M that takes the large-M path on a ``layout`` layer (None: an unknown layout)."""
+    """Smallest M that takes the large-M path on a ``layout`` layer (None: an unknown layout).
+
+    fp32 layers switch where the exact tiled GEMM overtakes their GEMV, bf16
+    products or not: the bf16 GEMM is faster than the fp32 one, so that M is late
+    rather than early (``qalora bench crossover --fp32-matmul-precision medium``).
+    """
     if layout == LAYOUT_DOT and large_m_mode(dtype) == MODE_DENSE:
         return DENSE_BF16_MIN_M
     return GEMM_MIN_M.get(layout)

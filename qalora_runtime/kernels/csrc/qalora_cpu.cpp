@@ -87,7 +87,10 @@ void f32_gemv_scalar(const LayerView& L, const float* x, int64_t M, float* y, in
 
 namespace {
 
-enum Mode : int64_t { kQ8 = 0, kF32 = 1, kGemm = 2, kDense = 3 };
+// kBf16Gemm: products in bf16 (x and W rounded to bf16, fp32 sums) for any layout
+// and activation dtype; fp32 x gets the fp32 sums (the opt-in fp32 prefill), bf16
+// x the same as kDense.
+enum Mode : int64_t { kQ8 = 0, kF32 = 1, kGemm = 2, kDense = 3, kBf16Gemm = 4 };
 
 // dtype conversions by hand: at decode sizes Tensor::to() costs more in dispatch
 // and allocation (~6 us per call, measured) than the conversion itself.
@@ -119,13 +122,43 @@ at::Tensor& dense_scratch(int64_t numel, at::ScalarType dtype) {
   return t;
 }
 
+// kBf16Gemm for fp32 x: y (fp32) = bf16(x) @ bf16(W) with fp32 sums, any layout.
+// The AVX512-BF16 kernel where it runs (AMX hosts have it too), else ATen's bf16
+// GEMM over a bf16 dense copy (oneDNN decides how it multiplies).
+at::Tensor bf16_gemm_f32(const at::Tensor& x, const qalora::LayerView& L, int64_t isa) {
+  const int64_t M = x.size(0), K = L.K, N = L.N;
+  const at::Tensor xb = x.contiguous().to(at::kBFloat16);
+  if (isa >= qalora::kIsaAvx512 && qalora::cpu_has_avx512_bf16()) {
+    at::Tensor y = at::zeros({M, N}, x.options().dtype(at::kFloat));
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, L.quads(), qalora::kGemmQuads, [&](int64_t b, int64_t e) {
+      const at::Tensor wbuf = at::empty({qalora::kBf16TileElems}, xb.options());  // 64-byte aligned
+      const at::Tensor fbuf = at::empty({L.layout == qalora::kDotLayout ? 0 : qalora::kGemmQuads * 4 * qalora::kGemmKC},
+                                        y.options());
+      qalora::bf16_gemm_avx512(L, xp, M, yp, nullptr, b, e,
+                               reinterpret_cast<uint16_t*>(wbuf.data_ptr<c10::BFloat16>()), fbuf.data_ptr<float>());
+    });
+    return y;
+  }
+  TORCH_CHECK(isa >= qalora::kIsaAvx2, "the bf16 GEMM mode needs AVX2");
+  at::Tensor w = dense_scratch(N * K, at::kBFloat16).narrow(0, 0, N * K).view({N, K});
+  void* wp = w.data_ptr();
+  at::parallel_for(0, L.quads(), qalora::kGemmQuads, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);
+    qalora::dequant_dense_avx2(L, wp, true, b, e, buf.data());
+  });
+  return at::linear(xb, w).to(at::kFloat);
+}
+
 at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
                          int64_t group, int64_t N, int64_t mode, int64_t isa, int64_t layout) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "x must be float32 or bfloat16");
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
-  TORCH_CHECK(mode >= kQ8 && mode <= kDense, "mode must be 0 (q8), 1 (f32), 2 (gemm) or 3 (dense)");
+  TORCH_CHECK(mode >= kQ8 && mode <= kBf16Gemm,
+              "mode must be 0 (q8), 1 (f32), 2 (gemm), 3 (dense) or 4 (bf16 gemm)");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "bad group size for K");
   TORCH_CHECK(qw.scalar_type() == at::kByte && qw.is_contiguous(), "qw must be contiguous uint8");
@@ -142,6 +175,8 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
   const int64_t quads = L.quads();
   const bool simd = isa >= qalora::kIsaAvx2;
 
+  if (mode == kBf16Gemm && x.scalar_type() == at::kBFloat16) mode = kDense;
+  if (mode == kBf16Gemm) return bf16_gemm_f32(x, L, isa);
   if (mode == kDense && isa >= qalora::kIsaAmx && layout == qalora::kDotLayout && x.scalar_type() == at::kBFloat16) {
     // AMX tiles straight from the packed layer: no dense copy, no oneDNN reorder.
     const at::Tensor xb = x.contiguous();
@@ -167,7 +202,8 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     float* accp = acc.data_ptr<float>();
     at::parallel_for(0, quads, qalora::kGemmQuads, [&](int64_t b, int64_t e) {
       const at::Tensor wbuf = at::empty({qalora::kBf16TileElems}, xb.options());  // 64-byte aligned
-      qalora::bf16_gemm_avx512(L, xp, M, accp, yp, b, e, reinterpret_cast<uint16_t*>(wbuf.data_ptr<c10::BFloat16>()));
+      qalora::bf16_gemm_avx512(L, xp, M, accp, yp, b, e, reinterpret_cast<uint16_t*>(wbuf.data_ptr<c10::BFloat16>()),
+                               nullptr);
     });
     return y;
   }

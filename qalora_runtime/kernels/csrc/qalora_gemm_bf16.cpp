@@ -13,6 +13,11 @@
 // reductions were ~14% of its instructions at K = 576, and it measured 4-10%
 // slower). Sums go to a per-call fp32 y; each finished column tile is
 // rounded to bf16 by the thread that computed it.
+//
+// The same kernel is the opt-in bf16 prefill of fp32 models (MODE_BF16_GEMM,
+// torch.set_float32_matmul_precision("medium")): their quad and plane layouts are
+// first dequantized to an exact fp32 tile by the fp32 GEMM's code, then rounded to
+// the same pair-interleaved bf16 tile, and the fp32 sums are the result.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 #include <immintrin.h>
 
@@ -78,6 +83,32 @@ void dequant_tile_pairs(const LayerView& L, int64_t qt, int64_t nquads, int64_t 
   }
 }
 
+// The same tile from a quad- or plane-layout layer, through the exact fp32 tile of
+// dequant_tile_avx2 (kGemmKC inputs at a time, in f32buf) rounded to bf16.
+void dequant_tile_pairs_any(const LayerView& L, int64_t qt, int64_t nquads, int64_t b0, int64_t nb, uint16_t* w,
+                            float* f32buf) {
+  alignas(64) uint16_t rows[16 * 32];
+  __m512 t[16];
+  for (int64_t c0 = b0 * 32; c0 < (b0 + nb) * 32; c0 += kGemmKC) {
+    const int64_t kc = (b0 + nb) * 32 - c0 < kGemmKC ? (b0 + nb) * 32 - c0 : kGemmKC;
+    dequant_tile_avx2(L, qt, nquads, c0, kc, f32buf);
+    for (int64_t cg = 0; cg * 4 < nquads; ++cg) {
+      const int64_t live = (nquads - cg * 4 < 4 ? nquads - cg * 4 : 4) * 4;  // columns of this group
+      if (live < 16) std::memset(rows, 0, sizeof rows);
+      for (int64_t b = c0 / 32; b < (c0 + kc) / 32; ++b) {
+        for (int64_t r = 0; r < live; ++r) {
+          const float* src = f32buf + (cg * 16 + r) * kGemmKC + (b * 32 - c0);
+          const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+          _mm512_store_si512(rows + 32 * r, (__m512i)v);
+        }
+        transpose16(reinterpret_cast<const float*>(rows), t);
+        uint16_t* dst = w + (b - b0) * 16 * kPairRow + cg * 32;
+        for (int p = 0; p < 16; ++p) _mm512_store_si512(dst + p * kPairRow, _mm512_castps_si512(t[p]));
+      }
+    }
+  }
+}
+
 // Columns [n0, n0 + ncols) of every row of the fp32 y rounded into the bf16 output.
 void store_rows_bf16(const float* y, int64_t M, int64_t N, int64_t n0, int64_t ncols, uint16_t* out) {
   for (int64_t m = 0; m < M; ++m) {
@@ -93,32 +124,33 @@ void store_rows_bf16(const float* y, int64_t M, int64_t N, int64_t n0, int64_t n
 
 template <int BITS>
 void bf16_gemm_range(const LayerView& L, const uint16_t* x, int64_t M, float* y, uint16_t* out, int64_t q0,
-                     int64_t q1, uint16_t* w) {
+                     int64_t q1, uint16_t* w, float* f32buf) {
   const int64_t K = L.K;
   for (int64_t qt = q0; qt < q1; qt += kGemmQuads) {
     const int64_t nquads = q1 - qt < kGemmQuads ? q1 - qt : kGemmQuads;
     const int64_t n0 = qt * 4, ncols = L.N - n0 < nquads * 4 ? L.N - n0 : nquads * 4;
     for (int64_t k0 = 0; k0 < K; k0 += kBf16KC) {
       const int64_t kc = K - k0 < kBf16KC ? K - k0 : kBf16KC;
-      dequant_tile_pairs<BITS>(L, qt, nquads, k0 / 32, kc / 32, w);
+      if (L.layout == kDotLayout) dequant_tile_pairs<BITS>(L, qt, nquads, k0 / 32, kc / 32, w);
+      else dequant_tile_pairs_any(L, qt, nquads, k0 / 32, kc / 32, w, f32buf);
       int64_t m = 0;
       for (; m + 6 <= M; m += 6) micro_pairs<6>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols);
       for (; m + 4 <= M; m += 4) micro_pairs<4>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols);
       for (; m < M; ++m) micro_pairs<1>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols);
     }
-    store_rows_bf16(y, M, L.N, n0, ncols, out);
+    if (out != nullptr) store_rows_bf16(y, M, L.N, n0, ncols, out);
   }
 }
 
 }  // namespace
 
 void bf16_gemm_avx512(const LayerView& L, const uint16_t* x, int64_t M, float* y, uint16_t* out, int64_t q0,
-                      int64_t q1, uint16_t* wbuf) {
+                      int64_t q1, uint16_t* wbuf, float* f32buf) {
   switch (L.bits) {
-    case 2: bf16_gemm_range<2>(L, x, M, y, out, q0, q1, wbuf); break;
-    case 3: bf16_gemm_range<3>(L, x, M, y, out, q0, q1, wbuf); break;
-    case 4: bf16_gemm_range<4>(L, x, M, y, out, q0, q1, wbuf); break;
-    default: bf16_gemm_range<8>(L, x, M, y, out, q0, q1, wbuf); break;
+    case 2: bf16_gemm_range<2>(L, x, M, y, out, q0, q1, wbuf, f32buf); break;
+    case 3: bf16_gemm_range<3>(L, x, M, y, out, q0, q1, wbuf, f32buf); break;
+    case 4: bf16_gemm_range<4>(L, x, M, y, out, q0, q1, wbuf, f32buf); break;
+    default: bf16_gemm_range<8>(L, x, M, y, out, q0, q1, wbuf, f32buf); break;
   }
 }
 

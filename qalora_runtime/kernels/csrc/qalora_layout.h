@@ -188,14 +188,16 @@ int64_t amx_weight_buf_elems(int64_t K);
 void amx_pack_x(const uint16_t* x, int64_t M, int64_t K, uint16_t* xt);
 void amx_gemm_dot(const LayerView& L, const uint16_t* xt, int64_t M, uint16_t* y, int64_t c0, int64_t c1,
                   uint16_t* wbuf);
-// AVX512-BF16 tiled GEMM (qalora_gemm_bf16.cpp), bf16 x [M, K] on a dot-layout
-// layer, quads [q0, q1): fp32 sums in y (zeroed, [M, N]), each finished column tile
-// rounded into out (bf16 [M, N]); wbuf (kBf16TileElems bf16, 64-byte aligned) per thread.
+// AVX512-BF16 tiled GEMM (qalora_gemm_bf16.cpp), bf16 x [M, K], quads [q0, q1):
+// fp32 sums in y (zeroed, [M, N]), each finished column tile rounded into out
+// (bf16 [M, N]) unless out is null; wbuf (kBf16TileElems bf16, 64-byte aligned)
+// per thread. Any layout: a quad or plane layer also needs f32buf (as buf of
+// f32_gemm_avx2, 64-byte aligned) per thread; a dot layer ignores it.
 constexpr int64_t kBf16KC = 2048;
 constexpr int64_t kBf16TileElems = kGemmQuads * 4 * kBf16KC;
 bool cpu_has_avx512_bf16();
 void bf16_gemm_avx512(const LayerView& L, const uint16_t* x, int64_t M, float* y, uint16_t* out, int64_t q0,
-                      int64_t q1, uint16_t* wbuf);
+                      int64_t q1, uint16_t* wbuf, float* f32buf);
 // Plane layout GEMV (exact fp32, 2/3-bit) over oct *pairs* [p0, p1) (octs 2p, 2p+1),
 // with its own prepared tables: 16-entry subset sums of every 4 inputs.
 int64_t plane_prep_floats_avx512(const LayerView& L, int64_t M);
