@@ -8,12 +8,16 @@ For each prompt length, one ``ModelRunner`` prefills the same prompt with
 A value above the prompt length means the prompt runs the layout's GEMV. A value
 ``V:gemm`` switches at V to the tiled fp32 GEMM instead of the bf16 large-M
 kernel (AMX or AVX512-BF16), which is how a bf16 model ran before that kernel.
+With ``--dtype float32 --fp32-matmul-precision medium`` a plain ``V`` column is
+the opt-in bf16-product prefill and ``V:gemm`` the exact tiled GEMM.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+
+import torch
 
 from qalora_runtime.engine.simple_generate import blocks_needed
 from qalora_runtime.formats.default_model import ensure_default_model
@@ -32,7 +36,11 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="prompt tokens")
     parser.add_argument("--repeats", type=int, default=4, help="alternating rounds (best is reported)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--fp32-matmul-precision", choices=["highest", "high", "medium"], default=None,
+                        help="torch.set_float32_matmul_precision for the run (medium: fp32 prefill in bf16)")
     args = parser.parse_args()
+    if args.fp32_matmul_precision:
+        torch.set_float32_matmul_precision(args.fp32_matmul_precision)
     model, cfg = load_model(ensure_default_model(), args.dtype)
     # The default model's linears are 4-bit: the layout they get for this dtype.
     key = cpu_fused.layout_for(QuantSpec(4, 32), model.dtype)

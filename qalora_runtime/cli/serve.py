@@ -71,6 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="seconds in-flight requests may run on after SIGTERM (default 30)")
     eng = p.add_argument_group("engine")
     eng.add_argument("--dtype", default=None, help="compute dtype (bfloat16, float32...; default: the model's choice)")
+    eng.add_argument("--fp32-matmul-precision", choices=("highest", "high", "medium"), default=None,
+                     help="torch.set_float32_matmul_precision: 'medium' lets a float32 model prefill with "
+                          "bf16 products on AVX512-BF16/AMX CPUs (default: torch's, 'highest': exact)")
     eng.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (default: the model's)")
     eng.add_argument("--max-num-seqs", type=_positive_int, default=64, help="largest running batch (default 64)")
     eng.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
@@ -119,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.async_engine import AsyncEngine
 
     chat_template = _chat_template_text(args.chat_template)
+    if args.fp32_matmul_precision:
+        import torch
+
+        torch.set_float32_matmul_precision(args.fp32_matmul_precision)  # process-wide, read per kernel call
     settings = ServerSettings(
         served_model_names=_served_names(args),
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,

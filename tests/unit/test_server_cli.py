@@ -30,20 +30,24 @@ def test_serve_flags() -> None:
     args = build_parser().parse_args([
         "serve", "model_dir", "--port", "9000", "--served-model-name", "a", "--served-model-name", "b",
         "--kv-cache-memory", "1GiB", "--no-enable-prefix-caching", "--max-queued-requests", "5",
-        "--log-level", "DEBUG", "--max-model-len", "1024",
+        "--log-level", "DEBUG", "--max-model-len", "1024", "--fp32-matmul-precision", "medium",
     ])
     assert (args.model, args.port, args.host) == ("model_dir", 9000, "127.0.0.1")
     assert args.served_model_name == ["a", "b"] and args.kv_cache_memory == 1 << 30
     assert args.enable_prefix_caching is False and args.max_queued_requests == 5
-    assert args.log_level == "DEBUG" and args.max_model_len == 1024
+    assert args.log_level == "DEBUG" and args.max_model_len == 1024 and args.fp32_matmul_precision == "medium"
     defaults = build_parser().parse_args(["--log-level", "WARNING", "serve"])
     assert defaults.model is None and defaults.enable_prefix_caching is True and defaults.log_level == "WARNING"
+    assert defaults.fp32_matmul_precision is None  # torch's own setting stays
 
 
 def test_serve_rejects_bad_flags(capsys) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-num-seqs", "0"])
     assert "must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--fp32-matmul-precision", "low"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_loading_engine_is_503_until_loaded() -> None:
