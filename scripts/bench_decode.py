@@ -1,9 +1,10 @@
 """Single-stream decode speed of the default model: qalora vs transformers vs llama.cpp, same run.
 
-    .venv/bin/python scripts/bench_decode.py [--tokens 128] [--repeats 3] [--threads 2]
+    .venv/bin/python scripts/bench_decode.py [--tokens 128] [--repeats 3] [--threads 2] [--prompt-tokens 900]
 
 Every engine decodes greedily from the same prompt (the SmolLM2 chat template
-around a short question) for ``--tokens`` tokens after a prefill; the table
+around a short question, repeated until the prompt has ``--prompt-tokens``
+tokens, which makes attention a larger part of a step) for ``--tokens`` tokens after a prefill; the table
 shows decode tokens/s (prefill excluded; best of ``--repeats``). transformers
 runs the same weights, dequantized from our checkpoint (fp32 and bf16);
 llama.cpp (``llama-cpp-python``, optional) reads the original GGUF.
@@ -113,7 +114,8 @@ def bench_llama_cpp(gguf_path, prompt_ids: list[int], tokens: int, threads: int,
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
+    n_ctx = max(1024, len(prompt_ids) + tokens + 16)
+    llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False)
 
     def run() -> float:
         llm.reset()
@@ -136,6 +138,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per engine (best is reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads, all engines")
     parser.add_argument("--skip-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="repeat the question until the prompt is at least this long (default: once)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -147,8 +151,13 @@ def main() -> None:
 
     model_dir = ensure_default_model()
     tok = load_tokenizer(model_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-    prompt_ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    question = PROMPT
+    while True:
+        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        prompt_ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if len(prompt_ids) >= args.prompt_tokens:
+            break
+        question += " " + PROMPT
 
     rows: list[tuple[str, str, float | None]] = []
     for dtype in ("bf16", "fp32"):
