@@ -15,9 +15,10 @@
 // rounded to bf16 by the thread that computed it.
 //
 // The same kernel is the opt-in bf16 prefill of fp32 models (MODE_BF16_GEMM,
-// torch.set_float32_matmul_precision("medium")): their quad and plane layouts are
-// first dequantized to an exact fp32 tile by the fp32 GEMM's code, then rounded to
-// the same pair-interleaved bf16 tile, and the fp32 sums are the result.
+// torch.set_float32_matmul_precision("medium")), whose fp32 sums are the result.
+// Their 4/8-bit quad-layout blocks are rounded to bf16 straight from the packed
+// bytes like the dot layout's; the plane layout (and 2/3-bit quads) is first
+// dequantized to an exact fp32 tile by the fp32 GEMM's code, then rounded.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 #include <immintrin.h>
 
@@ -59,10 +60,11 @@ void micro_pairs(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t npai
     }
 }
 
-// Quads [qt, qt + nquads) x blocks [b0, b0 + nb) of a dot-layout layer -> the
+// Quads [qt, qt + nquads) x blocks [b0, b0 + nb) of a dot-layout layer (kFromQuad:
+// a 4/8-bit quad-layout layer) -> the
 // pair-interleaved tile w[(b - b0) * 16 + p][column][2]: per 16 columns and block,
 // 16 columns x 16 pairs (dwords) dequantized, then transposed in registers.
-template <int BITS>
+template <int BITS, bool kFromQuad>
 void dequant_tile_pairs(const LayerView& L, int64_t qt, int64_t nquads, int64_t b0, int64_t nb, uint16_t* w) {
   alignas(64) uint16_t rows[16 * 32];  // column r's 32 inputs at rows + 32 r
   __m512 t[16];
@@ -74,7 +76,8 @@ void dequant_tile_pairs(const LayerView& L, int64_t qt, int64_t nquads, int64_t 
         const int64_t q = qt + cg * 4 + qi;
         // Each quad's blocks are one contiguous stream: keep 1 KB of it in flight.
         _mm_prefetch(reinterpret_cast<const char*>(L.quad_q(q) + b * 16 * BITS) + 1024, _MM_HINT_T0);
-        dequant_quad_block_bf16<BITS>(L, q, b, rows + qi * 4 * 32, 32);
+        if constexpr (kFromQuad) dequant_quad_layout_block_bf16<BITS>(L, q, b, rows + qi * 4 * 32, 32);
+        else dequant_quad_block_bf16<BITS>(L, q, b, rows + qi * 4 * 32, 32);
       }
       transpose16(reinterpret_cast<const float*>(rows), t);  // t[p] lane c: column c's pair p
       uint16_t* dst = w + (b - b0) * 16 * kPairRow + cg * 32;
@@ -131,8 +134,13 @@ void bf16_gemm_range(const LayerView& L, const uint16_t* x, int64_t M, float* y,
     const int64_t n0 = qt * 4, ncols = L.N - n0 < nquads * 4 ? L.N - n0 : nquads * 4;
     for (int64_t k0 = 0; k0 < K; k0 += kBf16KC) {
       const int64_t kc = K - k0 < kBf16KC ? K - k0 : kBf16KC;
-      if (L.layout == kDotLayout) dequant_tile_pairs<BITS>(L, qt, nquads, k0 / 32, kc / 32, w);
-      else dequant_tile_pairs_any(L, qt, nquads, k0 / 32, kc / 32, w, f32buf);
+      if (L.layout == kDotLayout) dequant_tile_pairs<BITS, false>(L, qt, nquads, k0 / 32, kc / 32, w);
+      else if constexpr (BITS == 4 || BITS == 8) {
+        if (L.layout == kQuadLayout) dequant_tile_pairs<BITS, true>(L, qt, nquads, k0 / 32, kc / 32, w);
+        else dequant_tile_pairs_any(L, qt, nquads, k0 / 32, kc / 32, w, f32buf);
+      } else {
+        dequant_tile_pairs_any(L, qt, nquads, k0 / 32, kc / 32, w, f32buf);
+      }
       int64_t m = 0;
       for (; m + 6 <= M; m += 6) micro_pairs<6>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols);
       for (; m + 4 <= M; m += 4) micro_pairs<4>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols);
