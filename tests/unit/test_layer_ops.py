@@ -99,10 +99,11 @@ def test_rope_fused_equals_fallback(dtype, monkeypatch):
     assert (fused.double() - plain.double()).abs().max().item() <= tol * plain.abs().max().item()
 
 
-def _paged(lengths: list[int], window: int | None, dtype: torch.dtype, heads: int = 9, kv_heads: int = 3):
+def _paged(lengths: list[int], window: int | None, dtype: torch.dtype, heads: int = 9, kv_heads: int = 3,
+           dim: int = 64):
     """A shuffled paged cache holding ``lengths`` sequences and one query per sequence."""
     g = torch.Generator().manual_seed(sum(lengths) + (window or 0))
-    bs, dim = 16, 64
+    bs = 16
     need = [-(-n // bs) for n in lengths]
     perm = torch.randperm(sum(need) + 3, generator=g).tolist()
     tables, at = [], 0
@@ -151,6 +152,28 @@ def test_decode_attention_matches_reference_and_fallback(dtype, lengths, window,
     monkeypatch.setattr(layer_ops, "_EXT", None)
     plain = paged_attention(q, cache, meta, 0.125)
     assert (fused.double() - plain.double()).abs().max().item() <= 2 * TOL[dtype] * want.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+# 64 and 128 have AVX-512 span kernels (on CPUs with AVX-512); 80 always takes the AVX2 one.
+@pytest.mark.parametrize("dim,heads,kv_heads", [(128, 8, 2), (80, 6, 6), (64, 4, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lengths", [[300], [200, 3]])  # one sequence in spans; one span per sequence
+def test_decode_attention_head_shapes(dtype, dim, heads, kv_heads, threads, lengths):
+    q, cache, tables, meta = _paged(lengths, None, dtype, heads, kv_heads, dim)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = paged_attention(q, cache, meta, dim ** -0.5)
+    finally:
+        torch.set_num_threads(prev)
+    want = _reference_attention(q, cache, tables, lengths, None, dim ** -0.5)
+    if dtype == torch.bfloat16:
+        _close(fused, want, dtype)
+    else:
+        # fp32 sums over 300 keys with a ~2e-7 expf: up to ~5e-7 of max |out| measured; a
+        # wrong span boundary or merge is off by ~1e-1.
+        assert (fused.double() - want).abs().max().item() <= 2e-6 * want.abs().max().item()
 
 
 def test_bad_inputs_raise_clear_errors():
