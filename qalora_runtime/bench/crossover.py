@@ -6,7 +6,7 @@ for fp32) and large M either as its own tiled dequantize-and-multiply GEMM
 (``dense``: for bf16 the AMX or AVX512-BF16 kernel where the CPU has one, else oneDNN/MKL;
 for fp32 on such a CPU also ``bf16_gemm``, the opt-in bf16-product prefill);
 ``gemm_min_m()`` and ``large_m_mode()`` in ``kernels/cpu_fused.py`` are the switch. This bench times
-the three on the same layers (a pool larger than L3, as in ``qalora bench
+them all on the same layers (a pool larger than L3, as in ``qalora bench
 kernels``) for every M in ``--m`` and prints, per shape, bit width and dtype,
 the smallest M from which each large-M path is faster than the GEMV at every
 larger M measured, next to what the dispatcher uses.
