@@ -34,6 +34,29 @@ def _best_us(run: Callable[[], None], before: Callable[[], None], calls: int, re
     return best * 1e6
 
 
+def _ops(ext, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, rows: torch.Tensor):
+    """The two implementations, each taking one layer's cache."""
+
+    def ours(cache: torch.Tensor) -> None:
+        ext.decode_attention(q, cache, tables, lens, 0, DIM ** -0.5)
+
+    def reference(cache: torch.Tensor) -> None:
+        kv = cache.view(-1, 2, KV_HEADS, DIM).index_select(0, rows)  # [n, 2, kvh, D]
+        k, v = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)  # [kvh, n, D]
+        F.scaled_dot_product_attention(q.view(HEADS, 1, DIM), k, v, enable_gqa=True)
+
+    return ours, reference
+
+
+def _cold_hot(op: Callable[[torch.Tensor], None], caches: list[torch.Tensor], evict: Callable[[], None],
+              repeats: int) -> tuple[float, float]:
+    """us per layer: every layer's cache once after ``evict``, and the first layer's again and again."""
+    op(caches[0])  # warm-up
+    cold = _best_us(lambda: [op(c) for c in caches], evict, LAYERS, repeats)
+    hot = _best_us(lambda: [op(caches[0]) for _ in range(LAYERS)], lambda: None, LAYERS, repeats)
+    return cold, hot
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[151, 1000], help="tokens in the cache")
@@ -46,7 +69,10 @@ def main() -> None:
         raise SystemExit("the cpu_fused extension (AVX2) is needed")
     dtype = getattr(torch, args.dtype)
     sweep = torch.ones(64 * 1024 * 1024 // 4)
-    evict = lambda: float(sweep.sum())  # noqa: E731 - evicts the caches before a cold round
+
+    def evict() -> None:  # reads 64 MiB: the caches are cold for the next round
+        float(sweep.sum())
+
     print(f"decode attention, {args.dtype}, {HEADS} heads / {KV_HEADS} KV heads x {DIM}, us per layer")
     print("| tokens | threads | ours cold | ours hot | torch cold | torch hot | cold vs torch |")
     print("|---|---|---|---|---|---|---|")
@@ -57,29 +83,13 @@ def main() -> None:
         caches = [torch.randn(blocks, BLOCK, 2, KV_HEADS, DIM, generator=gen).to(dtype) for _ in range(LAYERS)]
         tables = torch.randperm(blocks, generator=gen).view(1, blocks)
         q = torch.randn(1, HEADS, DIM, generator=gen).to(dtype)
-        lens = torch.tensor([n])
         pos = torch.arange(n)
         rows = tables[0][pos // BLOCK] * BLOCK + pos % BLOCK
-
-        def ours(cache: torch.Tensor) -> None:
-            ext.decode_attention(q, cache, tables, lens, 0, DIM ** -0.5)
-
-        def reference(cache: torch.Tensor) -> None:
-            kv = cache.view(-1, 2, KV_HEADS, DIM).index_select(0, rows)  # [n, 2, kvh, D]
-            k, v = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)  # [kvh, n, D]
-            F.scaled_dot_product_attention(q.view(HEADS, 1, DIM), k, v, enable_gqa=True)
-
+        ours, reference = _ops(ext, q, tables, torch.tensor([n]), rows)
         for threads in args.threads:
             torch.set_num_threads(threads)
-            cells = []
-            for op in (ours, reference):
-                op(caches[0])  # warm-up
-                cold = _best_us(lambda op=op: [op(c) for c in caches], evict, LAYERS, args.repeats)
-                hot = _best_us(lambda op=op: [op(caches[0]) for _ in range(LAYERS)], lambda: None, LAYERS,
-                               args.repeats)
-                cells += [cold, hot]
-            print(f"| {n} | {threads} | {cells[0]:.1f} | {cells[1]:.1f} | {cells[2]:.1f} | {cells[3]:.1f} | "
-                  f"{cells[2] / cells[0]:.2f}x |", flush=True)
+            (oc, oh), (tc, th) = (_cold_hot(op, caches, evict, args.repeats) for op in (ours, reference))
+            print(f"| {n} | {threads} | {oc:.1f} | {oh:.1f} | {tc:.1f} | {th:.1f} | {tc / oc:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

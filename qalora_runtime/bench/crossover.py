@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_layer_options(args)
     out = sys.stdout
     out.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads, group {args.group}, "
-              f"fp32 matmul precision {torch.get_float32_matmul_precision()}\n")
+              f"fp32 matmuls with bf16 products: {'yes' if cpu_fused.fp32_matmul_allows_bf16() else 'no'}\n")
     for k, n in args.shapes:
         for bits in args.bits:
             spec = QuantSpec(bits, args.group)

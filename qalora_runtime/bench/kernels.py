@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..kernels import cpu_fused
 from ..kernels.registry import available_kernels
 from ..quant.spec import QuantSpec
 from .common import (
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stdout
     out.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"CPU capability {torch.backends.cpu.get_cpu_capability()}, group {args.group}, "
-              f"fp32 matmul precision {torch.get_float32_matmul_precision()}\n")
+              f"fp32 matmuls with bf16 products: {'yes' if cpu_fused.fp32_matmul_allows_bf16() else 'no'}\n")
     out.write(f"streaming read bandwidth: {streaming_read_gbps():.1f} GB/s\n")
     for k, n in shapes:
         dense = _dense_rows(k, n, ms, args)

@@ -25,8 +25,8 @@ layout has one GEMV for small ``M`` plus the shared tiled GEMM for large ``M``:
 * ``bf16_gemm`` (large M of fp32 layers, opt-in): the vdpbf16ps kernel on any
   layout, with x rounded to bf16 and the fp32 sums returned. It runs only when
   ``torch.set_float32_matmul_precision("medium")`` allows bf16 products in fp32
-  matmuls (PyTorch's own switch, which oneDNN honours the same way); the default
-  ``"highest"`` keeps the exact tiled GEMM.
+  matmuls (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` is the same
+  switch in PyTorch's newer API); the default keeps the exact tiled GEMM.
 
 Each path has an AVX2 version and, for most, an AVX-512 one the C++ side picks
 at run time (``isa=``, ``QALORA_CPU_ISA``). If the extension cannot be built
@@ -158,16 +158,35 @@ def set_bf16_prefill_kernel(kernel: str | None) -> str | None:
     return previous
 
 
+def fp32_matmul_allows_bf16() -> bool:
+    """Whether torch lets fp32 matmuls on CPU use bf16 products.
+
+    That is oneDNN's ``torch.backends.mkldnn.matmul.fp32_precision == "bf16"``, which
+    ``torch.set_float32_matmul_precision("medium")`` also sets. The new API is read
+    because once it has been set, the legacy getter raises. Torch builds before it
+    existed fall back to the legacy getter.
+    """
+    mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if mkldnn_matmul is not None and hasattr(mkldnn_matmul, "fp32_precision"):
+        return mkldnn_matmul.fp32_precision == "bf16"
+    return torch.get_float32_matmul_precision() == "medium"
+
+
 def large_m_mode(dtype: torch.dtype) -> int:
     """The large-M strategy for ``dtype`` where a bf16 kernel runs: MODE_DENSE for bf16, MODE_BF16_GEMM
-    for fp32 when ``torch.get_float32_matmul_precision()`` is ``"medium"``; else the tiled GEMM."""
+    for fp32 when torch allows bf16 products (:func:`fp32_matmul_allows_bf16`); else the tiled GEMM."""
     if _BF16_PREFILL is None:
         return MODE_GEMM
     if dtype == torch.bfloat16:
         return MODE_DENSE
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "medium":
+    if dtype == torch.float32 and fp32_matmul_allows_bf16():
         return MODE_BF16_GEMM
     return MODE_GEMM
+
+
+def _dense_bf16_switch(layout: int, dtype: torch.dtype) -> bool:
+    """Whether ``layout``/``dtype`` switches at DENSE_BF16_MIN_M (bf16 on the dot layout with a bf16 kernel)."""
+    return layout == LAYOUT_DOT and dtype == torch.bfloat16 and _BF16_PREFILL is not None
 
 
 def gemm_min_m(layout: int, dtype: torch.dtype) -> int | None:
@@ -177,7 +196,7 @@ def gemm_min_m(layout: int, dtype: torch.dtype) -> int | None:
     products or not: the bf16 GEMM is faster than the fp32 one, so that M is late
     rather than early (``qalora bench crossover --fp32-matmul-precision medium``).
     """
-    if layout == LAYOUT_DOT and large_m_mode(dtype) == MODE_DENSE:
+    if _dense_bf16_switch(layout, dtype):
         return DENSE_BF16_MIN_M
     return GEMM_MIN_M.get(layout)
 
@@ -186,7 +205,7 @@ def set_gemm_min_m(layout: int, dtype: torch.dtype, value: int) -> int:
     """Set the switch ``gemm_min_m(layout, dtype)`` reads (A/B benchmarks); returns the previous value."""
     global DENSE_BF16_MIN_M
     previous = gemm_min_m(layout, dtype)
-    if layout == LAYOUT_DOT and large_m_mode(dtype) == MODE_DENSE:
+    if _dense_bf16_switch(layout, dtype):
         DENSE_BF16_MIN_M = value
     else:
         GEMM_MIN_M[layout] = value

@@ -211,52 +211,6 @@ def test_isa_env_cap_runs_the_lower_level_in_a_fresh_process() -> None:
     assert bad.returncode != 0 and "QALORA_CPU_ISA must be scalar, avx2, avx512 or amx" in bad.stderr
 
 
-def _bf16_dense_isas() -> list[str]:
-    """ISA levels whose MODE_DENSE bf16 call runs a kernel of ours: avx512 (AVX512-BF16), amx."""
-    ext = cpu_fused._ext
-    if ext is None:
-        return []
-    best = ext.isa_supported()
-    return (["avx512"] if best >= cpu_fused.ISAS["avx512"] and ext.has_avx512_bf16() else []) + (
-        ["amx"] if best >= cpu_fused.ISAS["amx"] else [])
-
-
-@pytest.mark.parametrize("isa", ["avx512", "amx"])
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("m", [1, 16, 17, 70])
-@pytest.mark.parametrize("n", [8, 70, 136])
-def test_bf16_dense_kernels_match_the_aten_dense_path(isa: str, bits: int, m: int, n: int) -> None:
-    """AMX tiles / vdpbf16ps tiles from the dot layout vs dequantize-to-bf16 + ATen: the same bf16 weights."""
-    if isa not in _bf16_dense_isas():
-        pytest.skip(f"this CPU has no {'AMX-BF16' if isa == 'amx' else 'AVX512-BF16'}")
-    spec = QuantSpec(bits, 64)
-    qweight, scales, zeros = random_layer(K, n, spec, seed=40 + bits)
-    qw, ss = cpu_fused.repack_dot(qweight, scales, zeros, spec)
-    x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
-    dense = dict(mode=cpu_fused.MODE_DENSE, layout=cpu_fused.LAYOUT_DOT)
-    ours = cpu_fused.fused_linear(x, qw, ss, spec, n, isa=isa, **dense)
-    aten = cpu_fused.fused_linear(x, qw, ss, spec, n, isa="avx2", **dense)
-    w_bf16 = dequantize(qweight, scales, zeros, spec, torch.float64).to(torch.bfloat16).to(torch.float64)
-    ref = x.to(torch.float64) @ w_bf16  # the bf16-rounded weight, summed exactly
-    assert ours.dtype == torch.bfloat16 and ours.shape == (m, n)
-    # Only the fp32 summation order and the final bf16 rounding of y (2**-9) differ.
-    assert rel_err(ours, ref) < 5e-3 and rel_err(aten, ref) < 5e-3
-    assert rel_err(ours, aten.to(torch.float64)) < 8e-3
-
-
-def test_bf16_dense_kernel_spans_k_tiles() -> None:
-    """K beyond one vdpbf16ps tile (kBf16KC = 2048 inputs) and N not a multiple of the 64-column tile."""
-    if "avx512" not in _bf16_dense_isas():
-        pytest.skip("this CPU has no AVX512-BF16")
-    spec, k, n = QuantSpec(4, 128), 4608, 200
-    qweight, scales, zeros = random_layer(k, n, spec, seed=9)
-    qw, ss = cpu_fused.repack_dot(qweight, scales, zeros, spec)
-    x = torch.randn(13, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    y = cpu_fused.fused_linear(x, qw, ss, spec, n, mode=cpu_fused.MODE_DENSE, isa="avx512", layout=cpu_fused.LAYOUT_DOT)
-    w_bf16 = dequantize(qweight, scales, zeros, spec, torch.float64).to(torch.bfloat16).to(torch.float64)
-    assert rel_err(y, x.to(torch.float64) @ w_bf16) < 5e-3
-
-
 @pytest.mark.parametrize("bits", [4])
 def test_int4pack_agrees_with_cpu_fused(bits: int) -> None:
     int4pack = pytest.importorskip("qalora_runtime.kernels.cpu_int4pack")
@@ -381,13 +335,6 @@ def test_real_smollm2_layers(smollm2_dir, module: str) -> None:
     y = cpu_fused.fused_linear(x, qw, ss, spec, cols, mode=MODES["q8"], layout=cpu_fused.LAYOUT_DOT)
     assert rel_err(y, int8_activations(x) @ w) < 1e-5
     assert rel_err(y, ref) < 3e-2
-    # bf16 large-M kernels (AMX / vdpbf16ps, and the ATen fallback at avx2): the bf16-rounded weight.
-    xb = x.to(torch.bfloat16)
-    ref_bf16 = xb.to(torch.float64) @ w.to(torch.bfloat16).to(torch.float64)
-    for isa in ["avx2", *_bf16_dense_isas()]:
-        y = cpu_fused.fused_linear(xb, qw, ss, spec, cols, mode=cpu_fused.MODE_DENSE, isa=isa,
-                                   layout=cpu_fused.LAYOUT_DOT)
-        assert rel_err(y, ref_bf16) < 5e-3, (spec.bits, isa)
 
 
 def test_set_gemm_min_m_moves_the_switch_choose_mode_reads() -> None:
@@ -400,18 +347,3 @@ def test_set_gemm_min_m_moves_the_switch_choose_mode_reads() -> None:
         finally:
             assert cpu_fused.set_gemm_min_m(layout, dtype, kept) == 5
         assert cpu_fused.gemm_min_m(layout, dtype) == kept
-
-
-def test_set_bf16_prefill_kernel_routes_large_m_to_the_tiled_gemm_and_back() -> None:
-    dot, bf16 = cpu_fused.LAYOUT_DOT, torch.bfloat16
-    with pytest.raises(ValueError, match="kernel must be None or one of"):
-        cpu_fused.set_bf16_prefill_kernel("mkl")
-    kept = cpu_fused.set_bf16_prefill_kernel(None)
-    try:
-        assert cpu_fused.large_m_mode(bf16) == cpu_fused.MODE_GEMM
-        assert cpu_fused.gemm_min_m(dot, bf16) == cpu_fused.GEMM_MIN_M[dot]
-        assert cpu_fused.choose_mode(cpu_fused.GEMM_MIN_M[dot], dot, bf16) == cpu_fused.MODE_GEMM
-    finally:
-        assert cpu_fused.set_bf16_prefill_kernel(kept) is None
-    assert cpu_fused.bf16_prefill_kernel() == kept
-    assert cpu_fused.large_m_mode(torch.float32) == cpu_fused.MODE_GEMM

@@ -101,6 +101,24 @@ def test_choose_mode_takes_bf16_products_only_when_torch_allows_them(matmul_prec
     assert cpu_fused.large_m_mode(torch.bfloat16) == (cpu_fused.MODE_DENSE if HAS_KERNEL else cpu_fused.MODE_GEMM)
 
 
+def test_the_new_torch_api_switches_it_too() -> None:
+    """``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` (after which the legacy getter raises)."""
+    mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if mkldnn_matmul is None or not hasattr(mkldnn_matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy API")
+    kept = mkldnn_matmul.fp32_precision
+    quad, f32 = cpu_fused.LAYOUT_QUAD, torch.float32
+    try:
+        mkldnn_matmul.fp32_precision = "bf16"
+        assert cpu_fused.fp32_matmul_allows_bf16()
+        want = cpu_fused.MODE_BF16_GEMM if HAS_KERNEL else cpu_fused.MODE_GEMM
+        assert cpu_fused.choose_mode(64, quad, f32) == want
+        mkldnn_matmul.fp32_precision = "ieee"
+        assert cpu_fused.choose_mode(64, quad, f32) == cpu_fused.MODE_GEMM
+    finally:
+        mkldnn_matmul.fp32_precision = kept
+
+
 @pytest.mark.slow
 def test_real_smollm2_prefill_in_bf16_products(smollm2_dir, matmul_precision) -> None:
     """A real fp32 layer through the model's kernel object: medium precision takes the bf16 products."""
