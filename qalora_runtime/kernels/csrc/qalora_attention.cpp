@@ -1,9 +1,10 @@
 // Decode attention: one query token per sequence over its paged KV cache (CPU, fp32 and bf16).
 //
 // cache[blocks, block_size, 2, kv_heads, D]. Scores and the softmax are fp32 (as
-// transformers' eager attention); each cached row is converted to fp32 once and
-// used by all query heads of its KV head (GQA). Keys and values are read straight
-// from the cache (no gather copy).
+// transformers' eager attention). Keys and values are read straight from the
+// cache (no gather copy). The AVX-512 span kernel (head_dim 64 or 128) converts a
+// cached row to fp32 once per KV head, for all its query heads (GQA); the AVX2
+// one, for any head_dim, converts it per query head.
 //
 // Threads split the work by token spans, as flash-decoding does: with fewer
 // sequences than threads, a sequence's keys are cut into spans; each span yields
