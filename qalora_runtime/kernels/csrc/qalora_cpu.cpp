@@ -122,33 +122,42 @@ at::Tensor& dense_scratch(int64_t numel, at::ScalarType dtype) {
   return t;
 }
 
+// W^T [N, K] of the layer dequantized in dtype (fp32 exact, bf16 rounded to nearest
+// even) into this thread's dense scratch, for ATen's GEMM.
+at::Tensor dense_weight(const qalora::LayerView& L, at::ScalarType dtype) {
+  const int64_t N = L.N, K = L.K;
+  at::Tensor w = dense_scratch(N * K, dtype).narrow(0, 0, N * K).view({N, K});
+  void* wp = w.data_ptr();
+  const bool bf16 = dtype == at::kBFloat16;
+  at::parallel_for(0, L.quads(), qalora::kGemmQuads, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);
+    qalora::dequant_dense_avx2(L, wp, bf16, b, e, buf.data());
+  });
+  return w;
+}
+
 // kBf16Gemm for fp32 x: y (fp32) = bf16(x) @ bf16(W) with fp32 sums, any layout.
 // The AVX512-BF16 kernel where it runs (AMX hosts have it too), else ATen's bf16
 // GEMM over a bf16 dense copy (oneDNN decides how it multiplies).
 at::Tensor bf16_gemm_f32(const at::Tensor& x, const qalora::LayerView& L, int64_t isa) {
-  const int64_t M = x.size(0), K = L.K, N = L.N;
+  const int64_t M = x.size(0), N = L.N;
   const at::Tensor xb = x.contiguous().to(at::kBFloat16);
   if (isa >= qalora::kIsaAvx512 && qalora::cpu_has_avx512_bf16()) {
     at::Tensor y = at::zeros({M, N}, x.options().dtype(at::kFloat));
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
     float* yp = y.data_ptr<float>();
+    // Plane layers and 2/3-bit quads are rounded through an exact fp32 tile.
+    const bool f32_tile = L.layout == qalora::kPlaneLayout || (L.layout == qalora::kQuadLayout && L.bits < 4);
     at::parallel_for(0, L.quads(), qalora::kGemmQuads, [&](int64_t b, int64_t e) {
       const at::Tensor wbuf = at::empty({qalora::kBf16TileElems}, xb.options());  // 64-byte aligned
-      const at::Tensor fbuf = at::empty({L.layout == qalora::kDotLayout ? 0 : qalora::kGemmQuads * 4 * qalora::kGemmKC},
-                                        y.options());
+      const at::Tensor fbuf = at::empty({f32_tile ? qalora::kGemmQuads * 4 * qalora::kGemmKC : 0}, y.options());
       qalora::bf16_gemm_avx512(L, xp, M, yp, nullptr, b, e,
                                reinterpret_cast<uint16_t*>(wbuf.data_ptr<c10::BFloat16>()), fbuf.data_ptr<float>());
     });
     return y;
   }
   TORCH_CHECK(isa >= qalora::kIsaAvx2, "the bf16 GEMM mode needs AVX2");
-  at::Tensor w = dense_scratch(N * K, at::kBFloat16).narrow(0, 0, N * K).view({N, K});
-  void* wp = w.data_ptr();
-  at::parallel_for(0, L.quads(), qalora::kGemmQuads, [&](int64_t b, int64_t e) {
-    std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);
-    qalora::dequant_dense_avx2(L, wp, true, b, e, buf.data());
-  });
-  return at::linear(xb, w).to(at::kFloat);
+  return at::linear(xb, dense_weight(L, at::kBFloat16)).to(at::kFloat);
 }
 
 at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& ss, int64_t bits,
@@ -211,14 +220,7 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     // Fallback (fp32 x, non-dot layouts, CPUs without AVX512-BF16, ISA caps):
     // dequantize W^T once in x's dtype (bf16 rounded, fp32 exact) and let ATen's
     // GEMM (oneDNN / MKL) do the multiply.
-    const bool bf16 = x.scalar_type() == at::kBFloat16;
-    at::Tensor w = dense_scratch(N * K, x.scalar_type()).narrow(0, 0, N * K).view({N, K});
-    void* wp = w.data_ptr();
-    at::parallel_for(0, quads, qalora::kGemmQuads, [&](int64_t b, int64_t e) {
-      std::vector<float> buf(qalora::kGemmQuads * 4 * qalora::kGemmKC);
-      qalora::dequant_dense_avx2(L, wp, bf16, b, e, buf.data());
-    });
-    return at::linear(x.contiguous(), w);
+    return at::linear(x.contiguous(), dense_weight(L, x.scalar_type()));
   }
 
   const at::Tensor xf = to_f32(x);

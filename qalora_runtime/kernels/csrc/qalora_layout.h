@@ -191,8 +191,8 @@ void amx_gemm_dot(const LayerView& L, const uint16_t* xt, int64_t M, uint16_t* y
 // AVX512-BF16 tiled GEMM (qalora_gemm_bf16.cpp), bf16 x [M, K], quads [q0, q1):
 // fp32 sums in y (zeroed, [M, N]), each finished column tile rounded into out
 // (bf16 [M, N]) unless out is null; wbuf (kBf16TileElems bf16, 64-byte aligned)
-// per thread. Any layout: a quad or plane layer also needs f32buf (as buf of
-// f32_gemm_avx2, 64-byte aligned) per thread; a dot layer ignores it.
+// per thread. Any layout: a plane layer or a 2/3-bit quad one also needs f32buf
+// (as buf of f32_gemm_avx2, 64-byte aligned) per thread; the others ignore it.
 constexpr int64_t kBf16KC = 2048;
 constexpr int64_t kBf16TileElems = kGemmQuads * 4 * kBf16KC;
 bool cpu_has_avx512_bf16();
