@@ -13,9 +13,9 @@ vectors so that one AVX2 ``maddubs`` + ``madd`` yields the four columns' partial
 side by side (byte ``p`` of vector ``j``: column ``(p/4)%4``, input ``8j + 4(p/16) + p%4``).
 
 ``repack_planes`` builds the plane layout instead (2/3-bit layers that run with fp32
-activations): per 8 columns and block of 32 inputs, ``bits`` planes of 8 uint32, bit
+activations): per 16 columns and block of 32 inputs, ``bits`` planes of 16 uint32, bit
 ``r`` of column ``c``'s dword in plane ``j`` being bit ``j`` of the level of input
-``r``; scales and ``s*z`` are fp32 ``[N/8, K/G, 2, 8]``.
+``r``; scales and ``s*z`` are fp32 ``[N/16, K/G, 2, 16]``.
 """
 
 from __future__ import annotations
@@ -127,19 +127,20 @@ def repack_planes(
     """GPTQ layer -> plane layout (``qw`` uint8 bytes of the uint32 planes, ``ss`` fp32); 2/3-bit only."""
     if spec.bits not in (2, 3):
         raise ValueError(f"the plane layout holds 2- and 3-bit layers, got bits={spec.bits}")
-    levels, s, z = _padded_columns(qweight, scales, zeros, spec, 8)
+    cols = 16  # one row of planes = one 64-byte line (csrc/qalora_layout.h, kPlaneCols)
+    levels, s, z = _padded_columns(qweight, scales, zeros, spec, cols)
     k, n = levels.shape
-    groups, octs = k // spec.group_size, n // 8
-    blocks = levels.t().reshape(octs, 8, k // 32, 32).permute(0, 2, 1, 3)  # [O, KB, 8, 32]
+    groups, rows = k // spec.group_size, n // cols
+    blocks = levels.t().reshape(rows, cols, k // 32, 32).permute(0, 2, 1, 3)  # [R, KB, 16, 32]
     bit_values = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64), torch.arange(32))
-    planes = torch.empty(octs, k // 32, spec.bits, 8, dtype=torch.int32)
-    for o in range(0, octs, 256):  # in slices: the int64 temporaries of a 7B layer would be GBs
-        part = blocks[o:o + 256].to(torch.int64)
+    planes = torch.empty(rows, k // 32, spec.bits, cols, dtype=torch.int32)
+    for o in range(0, rows, 128):  # in slices: the int64 temporaries of a 7B layer would be GBs
+        part = blocks[o:o + 128].to(torch.int64)
         for j in range(spec.bits):
             # Values up to 2**32 - 1; the int32 cast keeps the bit pattern (two's complement).
-            planes[o:o + 256, :, j] = ((part >> j) & 1).mul(bit_values).sum(-1).to(torch.int32)
-    # [O, KB, bits, 8] as little-endian uint32 (what the C++ reads through a uint32 pointer).
+            planes[o:o + 128, :, j] = ((part >> j) & 1).mul(bit_values).sum(-1).to(torch.int32)
+    # [R, KB, bits, 16] as little-endian uint32 (what the C++ reads through a uint32 pointer).
     qw = planes.view(torch.uint8).reshape(-1)
     ss = torch.stack([s, s * z], dim=1).to(torch.float32)  # [G, 2, Np]
-    ss = ss.reshape(groups, 2, octs, 8).permute(2, 0, 1, 3).contiguous()
+    ss = ss.reshape(groups, 2, rows, cols).permute(2, 0, 1, 3).contiguous()
     return qw, ss

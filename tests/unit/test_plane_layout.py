@@ -96,12 +96,13 @@ def test_plane_bit_positions() -> None:
     levels[5, 3] = 0b101
     levels[31, 7] = 0b011
     qw, ss = cpu_fused.repack_planes(pack_int32(levels, 3, dim=0), torch.ones(1, 8), torch.zeros(1, 8), spec)
-    planes = qw.view(torch.int32).reshape(3, 8)  # one oct, one block: [plane, column]
-    expect = torch.zeros(3, 8, dtype=torch.int64)
+    planes = qw.view(torch.int32).reshape(3, 16)  # one row (N padded to 16), one block: [plane, column]
+    expect = torch.zeros(3, 16, dtype=torch.int64)
     expect[0, 3] = expect[2, 3] = 1 << 5
     expect[0, 7] = expect[1, 7] = 1 << 31
     assert torch.equal(planes.to(torch.int64) & 0xFFFFFFFF, expect)
-    assert ss.shape == (1, 1, 2, 8)
+    assert ss.shape == (1, 1, 2, 16)
+    assert torch.equal(ss[0, 0, 0], torch.tensor([1.0] * 8 + [0.0] * 8))  # padding columns have s = 0
 
 
 def test_extreme_levels_and_bad_calls() -> None:
@@ -119,7 +120,7 @@ def test_extreme_levels_and_bad_calls() -> None:
         cpu_fused.fused_linear(x, qw, ss, QuantSpec(4, 32), 8, layout=cpu_fused.LAYOUT_PLANE)
     with pytest.raises(RuntimeError, match="layout"):
         cpu_fused.fused_linear(x, qw, ss, spec, 8, layout=7)
-    # N = 12: 2 octs of planes (N padded to 8) vs 3 quads, so the sizes tell the layouts apart.
+    # N = 12: one 16-column row of planes (N padded to 16) vs 3 quads, so the sizes tell the layouts apart.
     qw12, ss12 = cpu_fused.repack_planes(pack_int32(levels[:, :4].repeat(1, 3), 3, dim=0),
                                          torch.ones(K // 32, 12), torch.zeros(K // 32, 12), spec)
     with pytest.raises(RuntimeError, match="qw size"):

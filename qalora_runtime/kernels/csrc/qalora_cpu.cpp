@@ -247,7 +247,7 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
     at::Tensor prep = at::empty({qalora::plane_prep_floats_avx512(L, M)}, xf.options());
     float* pp = prep.data_ptr<float>();
     qalora::plane_prepare_avx512(L, xp, M, pp);
-    at::parallel_for(0, (L.octs() + 1) / 2, 2,
+    at::parallel_for(0, L.pairs(), 2,
                      [&](int64_t b, int64_t e) { qalora::plane_gemv_avx512(L, pp, M, yp, b, e); });
   } else if (layout == qalora::kPlaneLayout) {
     at::Tensor prep = at::empty({qalora::plane_prep_floats(L, M)}, xf.options());

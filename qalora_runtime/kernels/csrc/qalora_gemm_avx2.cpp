@@ -83,15 +83,15 @@ void dequant_tile_plane(const LayerView& L, int64_t qt, int64_t nquads, int64_t 
     const uint32_t* po = L.oct_planes(q / 2);
     const float* so = L.oct_s(q / 2);
     for (int64_t b = k0 / 32; b < (k0 + kc) / 32; ++b) {
-      const float* sg = so + (b / bpg) * 16;
+      const float* sg = so + (b / bpg) * 2 * kPlaneCols;
       for (int c = 0; c < 4; ++c) {
         const int64_t cc = half * 4 + c;
-        const __m256 s = _mm256_broadcast_ss(sg + cc), sz = _mm256_broadcast_ss(sg + 8 + cc);
+        const __m256 s = _mm256_broadcast_ss(sg + cc), sz = _mm256_broadcast_ss(sg + kPlaneCols + cc);
         float* dst = buf + (qi * 4 + c) * kGemmKC + (b * 32 - k0);
         for (int i = 0; i < 4; ++i) {
           __m256i v = _mm256_setzero_si256();
           for (int j = 0; j < BITS; ++j) {
-            const uint32_t byte = (po[(b * BITS + j) * 8 + cc] >> (8 * i)) & 0xFFu;
+            const uint32_t byte = (po[(b * BITS + j) * kPlaneCols + cc] >> (8 * i)) & 0xFFu;
             const __m256i bitv = _mm256_load_si256(reinterpret_cast<const __m256i*>(kByteBits.v[byte]));
             v = _mm256_or_si256(v, _mm256_slli_epi32(bitv, j));
           }

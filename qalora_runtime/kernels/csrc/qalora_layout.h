@@ -19,10 +19,12 @@
 // N is padded to a multiple of 4 with zero columns; outputs beyond N are dropped.
 //
 // Plane layout (2/3-bit layers with fp32 activations, the exact path only):
-//   qw: uint32 [N/8, K/32, bits, 8]: dword c of plane j holds bit j of the levels of
-//       column c for the block's 32 inputs (bit r = input r). A GEMV looks up 2
-//       inputs of one plane for 8 columns with one vpermilps (qalora_plane_avx2.cpp).
-//   ss: float [N/8, K/G, 2, 8] (s, s * z), N padded to a multiple of 8.
+//   qw: uint32 [N/16, K/32, bits, 16]: dword c of plane j holds bit j of the levels of
+//       column c for the block's 32 inputs (bit r = input r). 16 columns (an oct
+//       pair) per row, so the AVX-512 GEMV reads one 64-byte line per plane and a
+//       pair is one sequential stream; the AVX2 GEMV and the tile dequant take 8
+//       columns (one oct, half a row) at a time (qalora_plane_avx2.cpp).
+//   ss: float [N/16, K/G, 2, 16] (s, s * z), N padded to a multiple of 16.
 //
 // Dot layout (layers whose activations are quantized to int8: bf16 models, or
 // QALORA_CPU_INT8_ACT=1): the quad layout's sizes and ss, but each quad-block's
@@ -41,6 +43,8 @@
 namespace qalora {
 
 enum Layout : int64_t { kQuadLayout = 0, kPlaneLayout = 1, kDotLayout = 2 };
+// Columns per row of the plane layout (two octs side by side).
+constexpr int64_t kPlaneCols = 16;
 // Instruction-set levels of the kernels (cpu_isa() in qalora_cpu.cpp picks one). The
 // AMX level differs from AVX-512 only in the bf16 large-M kernel (AMX tiles instead
 // of vdpbf16ps), so capping at avx512 on an AMX host runs and tests the other one.
@@ -63,20 +67,27 @@ struct LayerView {
   int64_t octs() const { return (N + 7) / 8; }
   const uint8_t* quad_q(int64_t nq) const { return qw + nq * kb() * 4 * bb(); }
   const float* quad_s(int64_t nq) const { return ss + nq * groups() * 8; }
+  // Plane layout: oct `no` is half no % 2 of pair no / 2; its rows are kPlaneCols
+  // dwords (planes) or floats (scales) apart.
+  int64_t pairs() const { return (N + 15) / 16; }
   const uint32_t* oct_planes(int64_t no) const {
-    return reinterpret_cast<const uint32_t*>(qw) + no * kb() * bits * 8;
+    return reinterpret_cast<const uint32_t*>(qw) + (no / 2) * kb() * bits * kPlaneCols + (no % 2) * 8;
   }
-  const float* oct_s(int64_t no) const { return ss + no * groups() * 16; }
+  // s of oct `no`, group g at [g * 2 * kPlaneCols], s*z kPlaneCols floats later.
+  const float* oct_s(int64_t no) const { return ss + (no / 2) * groups() * 2 * kPlaneCols + (no % 2) * 8; }
   // Sizes the packed tensors must have (checked at the torch boundary).
-  int64_t qw_bytes() const { return layout == kPlaneLayout ? octs() * K * bits : quads() * K * bits / 2; }
-  int64_t ss_floats() const { return layout == kPlaneLayout ? octs() * groups() * 16 : quads() * groups() * 8; }
+  int64_t qw_bytes() const { return layout == kPlaneLayout ? pairs() * 2 * K * bits : quads() * K * bits / 2; }
+  int64_t ss_floats() const {
+    return layout == kPlaneLayout ? pairs() * groups() * 2 * kPlaneCols : quads() * groups() * 8;
+  }
   // Layout-independent scalar access (fallback and embedding paths, not hot loops).
   inline int level(int64_t n, int64_t k) const;
   float scale(int64_t n, int64_t g) const {
-    return layout == kPlaneLayout ? oct_s(n / 8)[g * 16 + n % 8] : quad_s(n / 4)[g * 8 + n % 4];
+    return layout == kPlaneLayout ? oct_s(n / 8)[g * 2 * kPlaneCols + n % 8] : quad_s(n / 4)[g * 8 + n % 4];
   }
   float scale_zero(int64_t n, int64_t g) const {
-    return layout == kPlaneLayout ? oct_s(n / 8)[g * 16 + 8 + n % 8] : quad_s(n / 4)[g * 8 + 4 + n % 4];
+    if (layout == kPlaneLayout) return oct_s(n / 8)[g * 2 * kPlaneCols + kPlaneCols + n % 8];
+    return quad_s(n / 4)[g * 8 + 4 + n % 4];
   }
 };
 
@@ -125,9 +136,9 @@ inline int LayerView::level(int64_t n, int64_t k) const {
   if (layout == kDotLayout)
     return dot_level_at(quad_q(n / 4) + (k / 32) * 4 * bb(), bits, static_cast<int>(n % 4), static_cast<int>(k % 32));
   if (layout == kPlaneLayout) {
-    const uint32_t* p = oct_planes(n / 8) + (k / 32) * bits * 8 + n % 8;
+    const uint32_t* p = oct_planes(n / 8) + (k / 32) * bits * kPlaneCols + n % 8;
     int q = 0;
-    for (int64_t j = 0; j < bits; ++j) q |= static_cast<int>((p[j * 8] >> (k % 32)) & 1u) << j;
+    for (int64_t j = 0; j < bits; ++j) q |= static_cast<int>((p[j * kPlaneCols] >> (k % 32)) & 1u) << j;
     return q;
   }
   return level_at(quad_q(n / 4) + (k / 32) * 4 * bb(), bits, static_cast<int>(n % 4), static_cast<int>(k % 32));

@@ -39,8 +39,9 @@ void plane_oct(const LayerView& L, int64_t no, const float* prep, int64_t m0, fl
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
       __m256i p[BITS];
-      for (int j = 0; j < BITS; ++j) p[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(po + (b * BITS + j) * 8));
-      _mm_prefetch(reinterpret_cast<const char*>(po + (b + 8) * BITS * 8), _MM_HINT_T0);
+      for (int j = 0; j < BITS; ++j)
+        p[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(po + (b * BITS + j) * kPlaneCols));
+      _mm_prefetch(reinterpret_cast<const char*>(po + (b + 4) * BITS * kPlaneCols), _MM_HINT_T0);
 #pragma GCC unroll 16
       for (int t = 0; t < kPlaneTables; ++t) {
         __m256 tab[MR];  // the pair's 4-entry table in both 128-bit lanes
@@ -58,7 +59,8 @@ void plane_oct(const LayerView& L, int64_t no, const float* prep, int64_t m0, fl
         }
       }
     }
-    const __m256 s = _mm256_loadu_ps(so + g * 16), sz = _mm256_loadu_ps(so + g * 16 + 8);
+    const float* sg = so + g * 2 * kPlaneCols;  // s, then s * z kPlaneCols floats later
+    const __m256 s = _mm256_loadu_ps(sg), sz = _mm256_loadu_ps(sg + kPlaneCols);
     for (int m = 0; m < MR; ++m) {
       const __m256 gs = _mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]));
       facc[m] = _mm256_fmadd_ps(gs, s, facc[m]);

@@ -4,7 +4,7 @@
 // tables with the in-lane vpermilps. AVX-512's vpermps indexes a whole 16-float
 // register, so here each table covers four inputs: entry e = the sum of the x's
 // whose bit is set in e (prepared once per call). One vpermps by the low 4 bits of
-// a plane's dwords then gives, for 16 columns (two octs side by side), their
+// a plane's dwords then gives, for the 16 columns of one layout row, their
 // 4-input partial dot product for that bit plane; a shift moves to the next 4
 // inputs. Per 64 weights and plane: one shift, one vpermps (the table read
 // from memory), one add, so 2-bit costs 2/3 of 3-bit and both less than the
@@ -25,29 +25,17 @@ constexpr int64_t kTabFloats = 16;
 
 int64_t row_floats(const LayerView& L) { return L.kb() * kTabsPerBlock * kTabFloats + L.groups(); }
 
-// Two octs' 8 columns each as one 16-lane vector: [oct a | oct b].
-static inline __m512i pair_load(const uint32_t* a, const uint32_t* b) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
-}
-
-static inline __m512 pair_load_ps(const float* a, const float* b) {
-  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(b), 1);
-}
-
 template <int BITS, int MR>
-void plane_pair(const LayerView& L, int64_t no, const float* prep, int64_t m0, float* y) {
+void plane_pair(const LayerView& L, int64_t pr, const float* prep, int64_t m0, float* y) {
   const int64_t KB = L.kb(), G = L.groups(), bpg = L.bpg(), rf = row_floats(L);
-  const bool two = no + 1 < L.octs();  // an odd last oct runs alone (its twin's lanes are dropped)
-  const uint32_t* pa = L.oct_planes(no);
-  const uint32_t* pb = L.oct_planes(two ? no + 1 : no);
-  const float* sa = L.oct_s(no);
-  const float* sb = L.oct_s(two ? no + 1 : no);
-  // Prefetch ~2 KB ahead in both streams (and the scale streams); an oct of at most
-  // 4 KB (SmolLM2's K) looks at the same place of the next pair instead, whose two
-  // streams would otherwise start cold (a pair's octs are adjacent in memory).
-  const int64_t oct_bytes = KB * BITS * 32, ahead = oct_bytes <= 4096 ? 2 * oct_bytes : 2048;
-  const int64_t oct_s_bytes = G * 64, ahead_s = oct_bytes <= 4096 ? 2 * oct_s_bytes : 2048 / BITS;
+  // The pair's 16 columns are one sequential stream of 64-byte plane rows, and its
+  // scales another (qalora_layout.h), so every load is a whole aligned line.
+  const uint32_t* pp = L.oct_planes(2 * pr);
+  const float* sp = L.oct_s(2 * pr);
+  // Prefetch ~2 KB ahead in both streams; a pair of at most 8 KB (SmolLM2's K) looks
+  // one pair ahead instead, where the next pair's streams would otherwise start cold.
+  const int64_t pair_bytes = KB * BITS * 64, ahead = pair_bytes <= 8192 ? pair_bytes : 2048;
+  const int64_t ahead_s = pair_bytes <= 8192 ? G * 128 : 4096 / BITS;  // 128 B of scales per 64 * BITS B of planes
   const float* tabs[MR];
   const float* xs[MR];
   __m512 facc[MR], zacc[MR];
@@ -61,11 +49,11 @@ void plane_pair(const LayerView& L, int64_t no, const float* prep, int64_t m0, f
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < BITS; ++j) acc[m][j][0] = acc[m][j][1] = _mm512_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      const uint32_t* pb = pp + b * BITS * kPlaneCols;
       __m512i p[BITS];
-      for (int j = 0; j < BITS; ++j) p[j] = pair_load(pa + (b * BITS + j) * 8, pb + (b * BITS + j) * 8);
-      for (int j = 0; j < BITS; j += 2) {  // a 3-bit block spans 1.5 lines: touch both
-        _mm_prefetch(reinterpret_cast<const char*>(pa + (b * BITS + j) * 8) + ahead, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(pb + (b * BITS + j) * 8) + ahead, _MM_HINT_T0);
+      for (int j = 0; j < BITS; ++j) {
+        p[j] = _mm512_loadu_si512(pb + j * kPlaneCols);
+        _mm_prefetch(reinterpret_cast<const char*>(pb + j * kPlaneCols) + ahead, _MM_HINT_T0);
       }
 #pragma GCC unroll 8
       for (int t = 0; t < kTabsPerBlock; ++t) {
@@ -79,10 +67,10 @@ void plane_pair(const LayerView& L, int64_t no, const float* prep, int64_t m0, f
         }
       }
     }
-    _mm_prefetch(reinterpret_cast<const char*>(sa + g * 16) + ahead_s, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(sb + g * 16) + ahead_s, _MM_HINT_T0);
-    const __m512 s = pair_load_ps(sa + g * 16, sb + g * 16);
-    const __m512 sz = pair_load_ps(sa + g * 16 + 8, sb + g * 16 + 8);
+    const float* sg = sp + g * 2 * kPlaneCols;
+    _mm_prefetch(reinterpret_cast<const char*>(sg) + ahead_s, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(sg + kPlaneCols) + ahead_s, _MM_HINT_T0);
+    const __m512 s = _mm512_loadu_ps(sg), sz = _mm512_loadu_ps(sg + kPlaneCols);
     for (int m = 0; m < MR; ++m) {
       __m512 gs = _mm512_add_ps(acc[m][BITS - 1][0], acc[m][BITS - 1][1]);
       for (int j = BITS - 2; j >= 0; --j)  // Horner in 2: planes weighted 2^j, exactly
@@ -94,11 +82,9 @@ void plane_pair(const LayerView& L, int64_t no, const float* prep, int64_t m0, f
   for (int m = 0; m < MR; ++m) {
     alignas(64) float r[16];
     _mm512_store_ps(r, _mm512_sub_ps(facc[m], zacc[m]));
-    float* dst = y + (m0 + m) * L.N;
-    for (int64_t h = 0; h < (two ? 2 : 1); ++h) {
-      const int64_t n0 = (no + h) * 8, ncols = L.N - n0 < 8 ? L.N - n0 : 8;
-      for (int64_t c = 0; c < ncols; ++c) dst[n0 + c] = r[8 * h + c];
-    }
+    const int64_t n0 = pr * kPlaneCols, ncols = L.N - n0 < kPlaneCols ? L.N - n0 : kPlaneCols;
+    float* dst = y + (m0 + m) * L.N + n0;
+    for (int64_t c = 0; c < ncols; ++c) dst[c] = r[c];  // the padding columns' lanes are dropped
   }
 }
 
@@ -106,8 +92,8 @@ template <int BITS>
 void plane_range512(const LayerView& L, const float* prep, int64_t M, float* y, int64_t p0, int64_t p1) {
   for (int64_t pr = p0; pr < p1; ++pr) {
     int64_t m = 0;
-    for (; m + 2 <= M; m += 2) plane_pair<BITS, 2>(L, 2 * pr, prep, m, y);  // two rows share the plane loads
-    if (m < M) plane_pair<BITS, 1>(L, 2 * pr, prep, m, y);
+    for (; m + 2 <= M; m += 2) plane_pair<BITS, 2>(L, pr, prep, m, y);  // two rows share the plane loads
+    if (m < M) plane_pair<BITS, 1>(L, pr, prep, m, y);
   }
 }
 
