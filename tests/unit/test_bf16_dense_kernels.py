@@ -47,7 +47,8 @@ def _bf16_dense_isas() -> list[str]:
 @pytest.mark.parametrize("isa", ["avx512", "amx"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("m", [1, 16, 17, 70])
-@pytest.mark.parametrize("n", [8, 70, 136])
+# n: tiles whose live columns fill 1, 2, 3 and 4+1 of the kernel's 16-column vectors.
+@pytest.mark.parametrize("n", [8, 24, 40, 70, 136])
 def test_bf16_dense_kernels_match_the_aten_dense_path(isa: str, bits: int, m: int, n: int) -> None:
     """AMX tiles / vdpbf16ps tiles from the dot layout vs dequantize-to-bf16 + ATen: the same bf16 weights."""
     if isa not in _bf16_dense_isas():

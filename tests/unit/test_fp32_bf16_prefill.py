@@ -54,7 +54,7 @@ LAYOUT_BITS = [(layout, bits) for layout in ("quad", "dot") for bits in (2, 3, 4
 
 @pytest.mark.parametrize("layout,bits", LAYOUT_BITS)
 @pytest.mark.parametrize("group", [32, 128])
-@pytest.mark.parametrize("k,n,m", [(256, 70, 37), (4608, 130, 5)])
+@pytest.mark.parametrize("k,n,m", [(256, 70, 37), (256, 40, 9), (4608, 130, 5)])
 def test_bf16_gemm_matches_the_bf16_rounded_reference(layout: str, bits: int, group: int, k: int, n: int,
                                                       m: int) -> None:
     """Every layout an fp32 layer can have; K across the 2048-input bf16 tile and the 512-input fp32 tile."""

@@ -143,7 +143,7 @@ at::Tensor bf16_gemm_f32(const at::Tensor& x, const qalora::LayerView& L, int64_
   const int64_t M = x.size(0), N = L.N;
   const at::Tensor xb = x.contiguous().to(at::kBFloat16);
   if (isa >= qalora::kIsaAvx512 && qalora::cpu_has_avx512_bf16()) {
-    at::Tensor y = at::zeros({M, N}, x.options().dtype(at::kFloat));
+    at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));  // the first K tile stores
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
     float* yp = y.data_ptr<float>();
     // Plane layers and 2/3-bit quads are rounded through an exact fp32 tile.
@@ -204,7 +204,7 @@ at::Tensor qalora_linear(const at::Tensor& x, const at::Tensor& qw, const at::Te
       x.scalar_type() == at::kBFloat16 && qalora::cpu_has_avx512_bf16()) {
     // vdpbf16ps over L2-sized bf16 tiles dequantized per call: no dense copy of the layer.
     const at::Tensor xb = x.contiguous();
-    at::Tensor acc = at::zeros({M, N}, xb.options().dtype(at::kFloat));
+    at::Tensor acc = at::empty({M, N}, xb.options().dtype(at::kFloat));  // the first K tile stores
     at::Tensor y = at::empty({M, N}, xb.options());
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
     uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());

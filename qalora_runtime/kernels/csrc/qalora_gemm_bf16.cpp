@@ -11,7 +11,8 @@
 // broadcast of each row's pair and 24 vdpbf16ps into 6 x 64 fp32 sums. Lanes run
 // over columns, so no horizontal reduction is needed (a K-lane kernel's per-call
 // reductions were ~14% of its instructions at K = 576, and it measured 4-10%
-// slower). Sums go to a per-call fp32 y; each finished column tile is
+// slower). Sums go to a per-call fp32 y (stored by the first K tile, added by the
+// rest, so y is never zero-filled); each finished column tile is
 // rounded to bf16 by the thread that computed it.
 //
 // The same kernel is the opt-in bf16 prefill of fp32 models (MODE_BF16_GEMM,
@@ -34,30 +35,46 @@ namespace {
 constexpr int64_t kTileCols = kGemmQuads * 4;  // 64 columns: 4 vectors of 16
 constexpr int64_t kPairRow = kTileCols * 2;    // bf16 elements of one input pair's row of the tile
 
-// y[m, :ncols] += x[m, 2p .. 2p+1] . w[p] over npairs input pairs, for MR rows.
-template <int MR>
+// y[m, :ncols] (+)= x[m, 2p .. 2p+1] . w[p] over npairs input pairs, for MR rows and
+// the tile's first NV vectors of 16 columns; `first` (the first K tile) stores, so y
+// needs no zero fill.
+template <int MR, int NV>
 void micro_pairs(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t npairs, float* y, int64_t ldy,
-                 int64_t ncols) {
-  __m512 acc[MR][4];
+                 int64_t ncols, bool first) {
+  __m512 acc[MR][NV];
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t p = 0; p < npairs; ++p) {
-    __m512bh wv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_load_si512(w + p * kPairRow + 32 * j);
+    __m512bh wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = (__m512bh)_mm512_load_si512(w + p * kPairRow + 32 * j);
     for (int m = 0; m < MR; ++m) {
       int32_t pair;
       std::memcpy(&pair, x + m * ldx + 2 * p, sizeof pair);
       const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, wv[j]);
+      for (int j = 0; j < NV; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, wv[j]);
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < 4 && 16 * j < ncols; ++j) {
+    for (int j = 0; j < NV && 16 * j < ncols; ++j) {
       const int64_t left = ncols - 16 * j;
       const __mmask16 keep = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
       float* dst = y + m * ldy + 16 * j;
-      _mm512_mask_storeu_ps(dst, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, dst), acc[m][j]));
+      _mm512_mask_storeu_ps(dst, keep, first ? acc[m][j] : _mm512_add_ps(_mm512_maskz_loadu_ps(keep, dst), acc[m][j]));
     }
+}
+
+// micro_pairs over only the vectors that hold live columns: a narrow last tile (N
+// not a multiple of 64, or a thread's range ending mid-tile, as at N = 576 on 2
+// threads) costs its width, not a whole tile's.
+template <int MR>
+void micro_rows(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t npairs, float* y, int64_t ldy,
+                int64_t ncols, bool first) {
+  switch ((ncols + 15) / 16) {
+    case 1: micro_pairs<MR, 1>(x, ldx, w, npairs, y, ldy, ncols, first); break;
+    case 2: micro_pairs<MR, 2>(x, ldx, w, npairs, y, ldy, ncols, first); break;
+    case 3: micro_pairs<MR, 3>(x, ldx, w, npairs, y, ldy, ncols, first); break;
+    default: micro_pairs<MR, 4>(x, ldx, w, npairs, y, ldy, ncols, first); break;
+  }
 }
 
 // Quads [qt, qt + nquads) x blocks [b0, b0 + nb) of a dot-layout layer (kFromQuad:
@@ -134,6 +151,7 @@ void bf16_gemm_range(const LayerView& L, const uint16_t* x, int64_t M, float* y,
     const int64_t n0 = qt * 4, ncols = L.N - n0 < nquads * 4 ? L.N - n0 : nquads * 4;
     for (int64_t k0 = 0; k0 < K; k0 += kBf16KC) {
       const int64_t kc = K - k0 < kBf16KC ? K - k0 : kBf16KC;
+      const bool first = k0 == 0;
       if (L.layout == kDotLayout) dequant_tile_pairs<BITS, false>(L, qt, nquads, k0 / 32, kc / 32, w);
       else if constexpr (BITS == 4 || BITS == 8) {
         if (L.layout == kQuadLayout) dequant_tile_pairs<BITS, true>(L, qt, nquads, k0 / 32, kc / 32, w);
@@ -142,9 +160,9 @@ void bf16_gemm_range(const LayerView& L, const uint16_t* x, int64_t M, float* y,
         dequant_tile_pairs_any(L, qt, nquads, k0 / 32, kc / 32, w, f32buf);
       }
       int64_t m = 0;
-      for (; m + 6 <= M; m += 6) micro_pairs<6>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols);
-      for (; m + 4 <= M; m += 4) micro_pairs<4>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols);
-      for (; m < M; ++m) micro_pairs<1>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols);
+      for (; m + 6 <= M; m += 6) micro_rows<6>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols, first);
+      for (; m + 4 <= M; m += 4) micro_rows<4>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols, first);
+      for (; m < M; ++m) micro_rows<1>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols, first);
     }
     if (out != nullptr) store_rows_bf16(y, M, L.N, n0, ncols, out);
   }
