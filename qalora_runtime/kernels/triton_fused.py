@@ -10,16 +10,22 @@ tiles are dequantized in registers (kernel bodies in ``triton_kernels.py``).
 * larger ``M`` (prefill): a tiled GEMM kernel on ``tl.dot`` with the dequantized
   tile rounded to the activation dtype, fp32 accumulation.
 
-The tile sizes and ``GEMV_MAX_M`` are first guesses, **to be measured on a
-GPU** (``scripts/gpu_check.py`` prints the numbers); no GPU was available when
-they were written. Correctness is tested on CPU tensors under Triton's
-interpreter (``TRITON_INTERPRET=1``, ``tests/unit/test_triton_kernels.py``).
+The tile sizes are chosen so that every launched variant compiles for sm_80,
+sm_86, sm_89 and sm_90, fits each one's shared memory and spills no registers
+in its loop, which ``triton_aot.py`` checks on any machine (no GPU needed) by
+compiling them ahead of time. Their speed, the split-K target and ``GEMV_MAX_M``
+are **still to be measured on a GPU** (``scripts/gpu_check.py`` prints the
+numbers); no GPU was available when they were written. Correctness is tested on
+CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``,
+``tests/unit/test_triton_kernels.py``).
 
 Importing this module raises ImportError when ``triton`` is not installed; the
 registry ignores that, so nothing depends on Triton or CUDA being present.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton  # ImportError here = kernel not registered (the registry ignores it)
@@ -101,6 +107,53 @@ def _weight_ptrs(weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
 # --------------------------------------------------------------------------- entry points
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """The compile-time tile sizes and launch options of one kernel launch.
+
+    ``gemv_config`` and ``gemm_config`` are the only places they are chosen, so the
+    launches here and the ahead-of-time resource check (``triton_aot.py``) see the same
+    variants.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int = 3
+
+
+def gemv_config(m: int, k: int) -> LaunchConfig:
+    """Tiles of the split-K GEMV for ``x[m, k]``."""
+    block_m = min(triton.next_power_of_2(m), _GEMV_BLOCK_M_MAX)
+    # Keeps the broadcast product [BLOCK_M, BLOCK_K, BLOCK_N] at 4-8k fp32 values per
+    # program: 64-100 registers a thread, no spills (triton_aot.py). Speed unmeasured.
+    return LaunchConfig(block_m, 64, _block_k(k, max(32, 128 // block_m)), num_warps=4)
+
+
+def gemm_config(m: int, k: int, dtype: torch.dtype) -> LaunchConfig:
+    """Tiles of the ``tl.dot`` GEMM for ``x[m, k]`` in ``dtype``.
+
+    Chosen from the range Triton's matmul tutorial tunes over so that every variant
+    fits the shared memory of sm_86/sm_89 (99 KB a block) and spills no registers on
+    sm_80/86/89/90, as compiled by ``python -m qalora_runtime.kernels.triton_aot``;
+    their speed is unmeasured (no GPU yet).
+    """
+    if dtype == torch.float32:
+        # An exact fp32 tl.dot runs on FMAs and needs 190-240 registers a thread even
+        # for these tiles; a 64x64 tile spills.
+        if m <= 16:
+            return LaunchConfig(16, 64, _block_k(k, 32), num_warps=4)
+        return LaunchConfig(32, 64, _block_k(k, 32), num_warps=8)
+    if m <= 16:
+        return LaunchConfig(16, 64, _block_k(k, 64), num_warps=4)
+    if m <= 32:
+        return LaunchConfig(32, 64, _block_k(k, 64), num_warps=4)
+    # 8 warps: 4 need 170-255 registers a thread here and spill where N is not a
+    # multiple of 16 (no alignment specialization).
+    return LaunchConfig(64, 128, _block_k(k, 64), num_warps=8)
+
+
 def gemv(
     x: torch.Tensor,
     weights: dict[str, torch.Tensor],
@@ -114,56 +167,57 @@ def gemv(
     """
     m, n, k = _check(x, weights, spec)
     x = x.contiguous()
-    block_m = min(triton.next_power_of_2(m), _GEMV_BLOCK_M_MAX)
-    # Keep the broadcast product [BLOCK_M, BLOCK_K, BLOCK_N] at 8-16k fp32 values per
-    # program (registers); a guess to be tuned on a GPU.
-    block_n = 64
-    block_k = _block_k(k, max(32, 128 // block_m))
-    n_blocks = triton.cdiv(n, block_n)
-    k_blocks = k // block_k
+    cfg = gemv_config(m, k)
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    k_blocks = k // cfg.block_k
     if split_k is None:
         split_k = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(x.device), n_blocks)
     # The partials buffer [split_k, M, N] is indexed with int32 as well.
-    split_k = max(1, min(split_k, k_blocks, (2**31 - 1) // ((m + block_m) * n)))
-    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
+    split_k = max(1, min(split_k, k_blocks, (2**31 - 1) // ((m + cfg.block_m) * n)))
+    k_per_split = triton.cdiv(k_blocks, split_k) * cfg.block_k
     split_k = triton.cdiv(k, k_per_split)  # no empty splits
     if split_k == 1:
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     else:
         out = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
     qw, qh = _weight_ptrs(weights)
-    grid = (n_blocks, split_k, triton.cdiv(m, block_m))
+    grid = (n_blocks, split_k, triton.cdiv(m, cfg.block_m))
     triton_kernels.qlinear_gemv_kernel[grid](
         x, qw, qh, weights["scales"], weights["zeros"], out,
         m, n, k, k_per_split, x.stride(0),
         BITS=spec.bits, GROUP_SIZE=spec.group_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split_k == 1:
         return out
     return out.sum(dim=0).to(x.dtype)
 
 
+def gemm_constants(dtype: torch.dtype) -> dict[str, object]:
+    """The GEMM's constexprs that depend on the activation dtype only."""
+    return {
+        "GROUP_M": 8,
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "DOT_IN_FP32": dtype == torch.bfloat16 and interpreted(),
+    }
+
+
 def gemm(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: QuantSpec) -> torch.Tensor:
     """``x[M, K] @ W`` with the tiled ``tl.dot`` GEMM kernel (any ``M``; meant for large ones)."""
     m, n, k = _check(x, weights, spec)
     x = x.contiguous()
-    # Tile sizes: a guess in the range the Triton matmul tutorial tunes over, to be measured.
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = 64 if m <= 32 else 128
-    block_k = _block_k(k, 64)
+    cfg = gemm_config(m, k, x.dtype)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     qw, qh = _weight_ptrs(weights)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     triton_kernels.qlinear_gemm_kernel[grid](
         x, qw, qh, weights["scales"], weights["zeros"], y,
         m, n, k, x.stride(0),
         BITS=spec.bits, GROUP_SIZE=spec.group_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreted(),
-        num_warps=4, num_stages=3,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        **gemm_constants(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
 

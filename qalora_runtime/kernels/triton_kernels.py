@@ -33,28 +33,58 @@ import triton.language as tl
 
 
 @triton.jit
+def _unpack_rows(words, LEVEL_BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[ROWS / (32 / LEVEL_BITS), BLOCK_N]`` int32 words -> ``[ROWS, BLOCK_N]`` levels.
+
+    Level ``p`` of word ``r`` is row ``r * (32 / LEVEL_BITS) + p``: the shifts make a
+    ``[words, per word, BLOCK_N]`` tensor whose row-major order is exactly k. Each word
+    is loaded once and unpacked in registers (a ``[ROWS, BLOCK_N]`` gather of the words
+    loads every word 32/LEVEL_BITS times and, in the GEMM's pipeline, keeps that many
+    copies in shared memory).
+    """
+    PER_WORD: tl.constexpr = 32 // LEVEL_BITS
+    shifts = tl.arange(0, PER_WORD) * LEVEL_BITS
+    # Arithmetic shifts of negative words only smear the sign above the mask.
+    levels = (words[:, None, :] >> shifts[None, :, None]) & ((1 << LEVEL_BITS) - 1)
+    return tl.reshape(levels, (ROWS, BLOCK_N))
+
+
+@triton.jit
+def _load_rows(ptr, row0, ROWS: tl.constexpr, offs_n, n_mask, N):
+    """``ptr[row0:row0+ROWS, offs_n]`` of a row-major ``[*, N]`` tensor (masked columns are 0)."""
+    rows = row0 + tl.arange(0, ROWS)
+    return tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+
+
+@triton.jit
+def _group_rows(ptr, k0, offs_k, offs_n, n_mask, N, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The scale (or zero) of every weight of the ``[BLOCK_K, BLOCK_N]`` tile, broadcastable to it."""
+    if GROUP_SIZE % BLOCK_K == 0:
+        # The whole tile lies in one group: one row, broadcast over k.
+        return tl.load(ptr + (k0 // GROUP_SIZE) * N + offs_n, mask=n_mask, other=0.0)[None, :]
+    elif BLOCK_K % GROUP_SIZE == 0:
+        # A few whole groups: load their rows once, repeat each GROUP_SIZE times along k.
+        rows = _load_rows(ptr, k0 // GROUP_SIZE, BLOCK_K // GROUP_SIZE, offs_n, n_mask, N)
+        per_k = tl.broadcast_to(rows[:, None, :], (BLOCK_K // GROUP_SIZE, GROUP_SIZE, rows.shape[1]))
+        return tl.reshape(per_k, (BLOCK_K, rows.shape[1]))
+    else:  # a group size that is not a power of two: one gathered row per k
+        return tl.load(ptr + (offs_k // GROUP_SIZE)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0.0)
+
+
+@triton.jit
 def _dequant_tile(qw_ptr, qh_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, n_mask, N,
                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 ``W[k0:k0+BLOCK_K, offs_n]`` (levels, scales, zeros loaded here; masked columns are 0)."""
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
     if BITS == 3:
-        lo = tl.load(qw_ptr + (offs_k // 16)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-        hi = tl.load(qh_ptr + (offs_k // 32)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-        # Arithmetic shifts of negative words only smear the sign above the mask.
-        q = ((lo >> ((offs_k % 16) * 2)[:, None]) & 3) | (((hi >> (offs_k % 32)[:, None]) & 1) << 2)
+        lo = _load_rows(qw_ptr, k0 // 16, BLOCK_K // 16, offs_n, n_mask, N)
+        hi = _load_rows(qh_ptr, k0 // 32, BLOCK_K // 32, offs_n, n_mask, N)
+        q = _unpack_rows(lo, 2, BLOCK_K, BLOCK_N) | (_unpack_rows(hi, 1, BLOCK_K, BLOCK_N) << 2)
     else:
-        words = tl.load(
-            qw_ptr + (offs_k // (32 // BITS))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0
-        )
-        q = (words >> ((offs_k % (32 // BITS)) * BITS)[:, None]) & ((1 << BITS) - 1)
-    if GROUP_SIZE % BLOCK_K == 0:
-        # The whole tile lies in one group: one scale/zero row, broadcast over k.
-        g_off = (k0 // GROUP_SIZE) * N + offs_n
-        s = tl.load(s_ptr + g_off, mask=n_mask, other=0.0)[None, :]
-        z = tl.load(z_ptr + g_off, mask=n_mask, other=0.0)[None, :]
-    else:
-        g_off = (offs_k // GROUP_SIZE)[:, None] * N + offs_n[None, :]
-        s = tl.load(s_ptr + g_off, mask=n_mask[None, :], other=0.0)
-        z = tl.load(z_ptr + g_off, mask=n_mask[None, :], other=0.0)
+        words = _load_rows(qw_ptr, k0 // (32 // BITS), BLOCK_K // (32 // BITS), offs_n, n_mask, N)
+        q = _unpack_rows(words, BITS, BLOCK_K, BLOCK_N)
+    s = _group_rows(s_ptr, k0, offs_k, offs_n, n_mask, N, GROUP_SIZE, BLOCK_K)
+    z = _group_rows(z_ptr, k0, offs_k, offs_n, n_mask, N, GROUP_SIZE, BLOCK_K)
     return (q.to(tl.float32) - z) * s
 
 

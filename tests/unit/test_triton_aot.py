@@ -1,0 +1,101 @@
+"""The Triton kernels compile for NVIDIA GPUs, fit their shared memory and spill nothing in a loop.
+
+``qalora_runtime.kernels.triton_aot`` builds cubins for sm_80/86/90 with the ptxas
+in the triton wheel, no GPU needed. The compile runs in a child process because
+this one decorates the kernels under ``TRITON_INTERPRET=1`` (tests/conftest.py),
+and only JIT functions compile. The suite covers the riskiest variants (the
+largest GEMM tile of every bit width and dtype at G = 32, the GEMV's two row
+blocks); ``python -m qalora_runtime.kernels.triton_aot`` checks all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def _compiler_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice; the default
+    return env
+
+
+def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=_compiler_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+pytestmark = pytest.mark.skipif(
+    not (NVIDIA_BIN / "ptxas").exists() or not (NVIDIA_BIN / "cuobjdump").exists(),
+    reason=f"this triton wheel has no NVIDIA ptxas/cuobjdump in {NVIDIA_BIN}",
+)
+
+
+def _table_rows(stdout: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| gem")]
+
+
+@pytest.mark.parametrize(
+    "args, variants, targets",
+    [
+        # The 64x128 bf16 tile and the 32x64 fp32 tile, every bit width, G = 32 (the
+        # several-groups-per-tile path), on A100, the 99 KB parts (A10, L4) and Hopper.
+        (["--arch", "80,86,90", "--bits", "2,3,4,8", "--groups", "32", "--dtypes", "bfloat16,float32",
+          "--m", "64"], 8, 3),
+        # The GEMV at M = 1 and M = 8 (both outputs: plain and split-K partials).
+        (["--arch", "90", "--bits", "3,4", "--groups", "32,128", "--dtypes", "float16", "--m", "1,8"], 16, 1),
+    ],
+    ids=["gemm-large-tiles", "gemv"],
+)
+def test_launched_variants_compile_fit_and_do_not_spill(args: list[str], variants: int, targets: int) -> None:
+    run = _run(["-m", "qalora_runtime.kernels.triton_aot", *args])
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = _table_rows(run.stdout)
+    assert len(rows) == variants * targets, run.stdout
+    assert all(row[-1] == "ok" for row in rows), run.stdout
+    assert f"{variants} variants x {targets} targets, 0 unfit" in run.stdout
+
+
+_OVERSIZED = """
+import json, torch
+from qalora_runtime.kernels import triton_aot as a, triton_fused as tf
+v = a.Variant("gemm", 4, 128, torch.bfloat16, torch.bfloat16, tf.LaunchConfig(128, 256, 64, 8, 4))
+r = a.compile_variant(v, 86)
+print(json.dumps({"shared": r.shared_bytes, "loop_spills": r.loop_spills, "problems": a.problems(86, r)}))
+"""
+
+
+def test_check_flags_a_tile_too_big_for_sm86() -> None:
+    """The check can fail: a 128x256 4-stage tile needs more than a GA10x block's 99 KB and spills."""
+    run = _run(["-c", _OVERSIZED])
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["shared"] > 101376
+    assert found["loop_spills"] > 0
+    assert len(found["problems"]) == 2
+
+
+def test_count_loop_spills_reads_backward_branches() -> None:
+    from qalora_runtime.kernels.triton_aot import count_loop_spills
+
+    sass = """
+        /*00d0*/                   STL [R1], R10 ;
+        /*0540*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0600*/                   LDL R7, [R1+0x8] ;
+        /*0700*/                   STL [R1+0x8], R7 ;
+        /*24c0*/              @!P4 BRA 0x540 ;
+        /*24e0*/                   LDL.LU R2, [R1] ;
+        /*2630*/                   BRA 0x2630;
+    """
+    assert count_loop_spills(sass) == 2  # the two inside 0x540..0x24c0; the trap is no loop
