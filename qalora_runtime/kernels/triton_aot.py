@@ -14,8 +14,9 @@ catches what the interpreter (``TRITON_INTERPRET=1``) cannot:
   loop, one load after it); that costs nothing and is reported, not failed.
 
 Variants are compiled as the JIT would specialize them for real tensors: every
-pointer 16-byte aligned and ``N``, ``K``, the row stride (and ``K_PER_SPLIT``)
-divisible by 16; ``--unaligned`` drops those hints (a layer whose N is not a
+pointer 16-byte aligned, ``N``, ``K``, the row stride (and ``K_PER_SPLIT``)
+divisible by 16, and the GEMV's ``M = 1`` a constant; ``--unaligned`` drops the
+divisibility hints (a layer whose N is not a
 multiple of 16). Speed is not measured here: that needs a GPU
 (``scripts/gpu_check.py``).
 
@@ -129,6 +130,8 @@ def _source(v: Variant, aligned: bool) -> ASTSource:
         fn = triton_kernels.qlinear_gemv_kernel
         ints = ("M", "N", "K", "K_PER_SPLIT", "stride_xm")
         constants: dict[str, object] = {}
+        if v.config.block_m == 1:  # only M = 1 gets one-row blocks; the JIT makes an int == 1 a constant
+            ints, constants = ints[1:], {"M": 1}
     else:
         fn = triton_kernels.qlinear_gemm_kernel
         ints = ("M", "N", "K", "stride_xm")
