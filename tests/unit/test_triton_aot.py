@@ -67,27 +67,34 @@ def test_launched_variants_compile_fit_and_do_not_spill(args: list[str], variant
     assert f"{variants} variants x {targets} targets, 0 unfit" in run.stdout
 
 
-_OVERSIZED = """
+_UNFIT = """
 import json, torch
 from qalora_runtime.kernels import triton_aot as a, triton_fused as tf
-v = a.Variant("gemm", 4, 128, torch.bfloat16, torch.bfloat16, tf.LaunchConfig(128, 256, 64, 8, 4))
-r = a.compile_variant(v, 86)
-print(json.dumps({"shared": r.shared_bytes, "loop_spills": r.loop_spills, "problems": a.problems(86, r)}))
+found = {}
+for name, dtype, cfg, arch in (
+    ("too_big", torch.bfloat16, tf.LaunchConfig(128, 256, 64, 8, 4), 86),
+    ("spills", torch.float32, tf.LaunchConfig(64, 64, 32, 4), 90),
+):
+    r = a.compile_variant(a.Variant("gemm", 4, 128, dtype, dtype, cfg), arch)
+    found[name] = {"shared": r.shared_bytes, "loop_stores": r.loop_spills.stores, "problems": a.problems(arch, r)}
+print(json.dumps(found))
 """
 
 
-def test_check_flags_a_tile_too_big_for_sm86() -> None:
-    """The check can fail: a 128x256 4-stage tile needs more than a GA10x block's 99 KB and spills."""
-    run = _run(["-c", _OVERSIZED])
+def test_check_flags_unfit_tiles() -> None:
+    """The check can fail: a 128x256 4-stage tile needs more than a GA10x block's 99 KB, and an
+    exact fp32 64x64 tile (the FMA path) spills inside its K loop."""
+    run = _run(["-c", _UNFIT])
     assert run.returncode == 0, run.stderr
     found = json.loads(run.stdout.strip().splitlines()[-1])
-    assert found["shared"] > 101376
-    assert found["loop_spills"] > 0
-    assert len(found["problems"]) == 2
+    assert found["too_big"]["shared"] > 101376
+    assert any("shared" in p for p in found["too_big"]["problems"])
+    assert found["spills"]["loop_stores"] > 0
+    assert any("spills in a loop" in p for p in found["spills"]["problems"])
 
 
 def test_count_loop_spills_reads_backward_branches() -> None:
-    from qalora_runtime.kernels.triton_aot import count_loop_spills
+    from qalora_runtime.kernels.triton_aot import LoopSpills, count_loop_spills
 
     sass = """
         /*00d0*/                   STL [R1], R10 ;
@@ -98,4 +105,8 @@ def test_count_loop_spills_reads_backward_branches() -> None:
         /*24e0*/                   LDL.LU R2, [R1] ;
         /*2630*/                   BRA 0x2630;
     """
-    assert count_loop_spills(sass) == 2  # the two inside 0x540..0x24c0; the trap is no loop
+    # Inside 0x540..0x24c0: one load and one store among four instructions; the trap is no loop.
+    assert count_loop_spills(sass) == LoopSpills(stores=1, loads=1, instructions=4)
+    assert LoopSpills(stores=1, loads=0, instructions=1000).costly()
+    assert not LoopSpills(stores=0, loads=1, instructions=458).costly()  # an invariant reloaded
+    assert LoopSpills(stores=0, loads=10, instructions=458).costly()
