@@ -8,6 +8,7 @@ catches what the interpreter (``TRITON_INTERPRET=1``) cannot:
 * code the interpreter runs but the compiler rejects;
 * shared memory above a GPU's per-block limit (the launch would fail with
   ``OutOfResources`` on that GPU);
+* a 16-bit GEMM without tensor-core instructions (``HMMA``/``HGMMA``);
 * register spills inside a loop (local-memory stores between a backward branch
   and its target in the SASS, or reloads above 1% of the loop), a speed defect.
   ptxas sometimes parks a loop-invariant value on the stack (``STACK`` 8 B, one
@@ -58,6 +59,7 @@ _TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32:
 _ALIGNED_INTS = ("N", "K", "stride_xm", "K_PER_SPLIT")
 _RESOURCE_LINE = re.compile(r"REG:(\d+) STACK:(\d+)")
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_MMA = re.compile(r"\bH[G]?MMA\.")
 _BRANCH = re.compile(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)")
 
 
@@ -106,6 +108,7 @@ class Resources:
     stack_bytes: int  # stack frame per thread
     shared_bytes: int
     loop_spills: LoopSpills
+    mma_instructions: int  # tensor-core matrix multiplies (HMMA, or HGMMA on Hopper)
 
 
 def count_loop_spills(sass: str) -> LoopSpills:
@@ -198,12 +201,15 @@ def compile_variant(v: Variant, arch: int, aligned: bool = True) -> Resources:
     if match is None or not _SASS_LINE.search(report):
         raise RuntimeError(f"unexpected cuobjdump output:\n{report[:2000]}")
     return Resources(int(match.group(1)), int(match.group(2)), int(compiled.metadata.shared),
-                     count_loop_spills(report))
+                     count_loop_spills(report), len(_MMA.findall(report)))
 
 
-def problems(arch: int, r: Resources) -> list[str]:
-    """Why a variant with these resources is unfit for ``sm_<arch>`` (empty when it is fine)."""
+def problems(v: Variant, arch: int, r: Resources) -> list[str]:
+    """Why ``v`` with these resources is unfit for ``sm_<arch>`` (empty when it is fine)."""
     found = []
+    if v.kernel == "gemm" and v.dtype != torch.float32 and not r.mma_instructions:
+        # A 16-bit tl.dot that fell back to FMAs runs at a fraction of the tensor cores' rate.
+        found.append("no tensor-core MMA in a 16-bit GEMM")
     if r.shared_bytes > SHARED_LIMIT_BYTES[arch]:
         found.append(f"shared {r.shared_bytes} B > {SHARED_LIMIT_BYTES[arch]} B")
     if r.loop_spills.costly():
@@ -233,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = tuple(getattr(torch, name) for name in args.dtypes.split(","))
     variants = launch_variants(_ints(args.bits), _ints(args.groups), dtypes, _ints(args.m), args.k)
     print(f"triton {triton.__version__}, {'un' if args.unaligned else ''}aligned, K={args.k}")
-    print("| variant | sm | registers | stack B | loop spill st/ld | shared B | verdict |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | sm | registers | stack B | loop spill st/ld | shared B | MMA | verdict |")
+    print("|---|---|---|---|---|---|---|---|")
     failed = 0
     for v in variants:
         for arch in _ints(args.arch):
@@ -243,12 +249,12 @@ def main(argv: list[str] | None = None) -> int:
             except (TritonError, RuntimeError, subprocess.CalledProcessError) as e:
                 # a compile error is a finding, reported with the others
                 failed += 1
-                print(f"| {v.label()} | {arch} | - | - | - | - | compile error: {str(e).splitlines()[0][:120]} |")
+                print(f"| {v.label()} | {arch} | - | - | - | - | - | compile error: {str(e).splitlines()[0][:120]} |")
                 continue
-            bad = problems(arch, r)
+            bad = problems(v, arch, r)
             failed += bool(bad)
             print(f"| {v.label()} | {arch} | {r.registers} | {r.stack_bytes} "
-                  f"| {r.loop_spills.stores}/{r.loop_spills.loads} | {r.shared_bytes} "
+                  f"| {r.loop_spills.stores}/{r.loop_spills.loads} | {r.shared_bytes} | {r.mma_instructions} "
                   f"| {'; '.join(bad) or 'ok'} |", flush=True)
     print(f"{len(variants)} variants x {len(_ints(args.arch))} targets, {failed} unfit")
     return 1 if failed else 0

@@ -75,8 +75,10 @@ for name, dtype, cfg, arch in (
     ("too_big", torch.bfloat16, tf.LaunchConfig(128, 256, 64, 8, 4), 86),
     ("spills", torch.float32, tf.LaunchConfig(64, 64, 32, 4), 90),
 ):
-    r = a.compile_variant(a.Variant("gemm", 4, 128, dtype, dtype, cfg), arch)
-    found[name] = {"shared": r.shared_bytes, "loop_stores": r.loop_spills.stores, "problems": a.problems(arch, r)}
+    v = a.Variant("gemm", 4, 128, dtype, dtype, cfg)
+    r = a.compile_variant(v, arch)
+    found[name] = {"shared": r.shared_bytes, "loop_stores": r.loop_spills.stores, "mma": r.mma_instructions,
+                   "problems": a.problems(v, arch, r)}
 print(json.dumps(found))
 """
 
@@ -89,6 +91,8 @@ def test_check_flags_unfit_tiles() -> None:
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert found["too_big"]["shared"] > 101376
     assert any("shared" in p for p in found["too_big"]["problems"])
+    assert found["too_big"]["mma"] > 0  # a bf16 tl.dot runs on tensor cores...
+    assert found["spills"]["mma"] == 0  # ...an exact fp32 one on FMAs
     assert found["spills"]["loop_stores"] > 0
     assert any("spills in a loop" in p for p in found["spills"]["problems"])
 
