@@ -18,9 +18,8 @@ catches what the interpreter (``TRITON_INTERPRET=1``) cannot:
 Variants are compiled as the JIT would specialize them for real tensors: every
 pointer 16-byte aligned, ``N``, ``K``, the row stride (and ``K_PER_SPLIT``)
 divisible by 16, and the GEMV's ``M = 1`` a constant; ``--unaligned`` drops the
-divisibility hints (a layer whose N is not a
-multiple of 16). Speed is not measured here: that needs a GPU
-(``scripts/gpu_check.py``).
+divisibility hints (a layer whose N is not a multiple of 16). Speed is not
+measured here: that needs a GPU (``scripts/gpu_check.py``).
 
 Run it in a process without ``TRITON_INTERPRET=1`` (the kernels must be JIT
 functions, not interpreted ones)::
@@ -28,7 +27,7 @@ functions, not interpreted ones)::
     python -m qalora_runtime.kernels.triton_aot                # all variants, all four targets
     python -m qalora_runtime.kernels.triton_aot --arch 86 --bits 3 --dtypes bfloat16
 
-Exit status 0 when every variant compiles, fits and spills nothing in a loop; 1 otherwise.
+Exit status 0 when every variant compiles and none of the above is found; 1 otherwise.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ _TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32:
 _ALIGNED_INTS = ("N", "K", "stride_xm", "K_PER_SPLIT")
 _RESOURCE_LINE = re.compile(r"REG:(\d+) STACK:(\d+)")
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
-_MMA = re.compile(r"\bH[G]?MMA\.")
+_MMA = re.compile(r"\bHG?MMA\.")
 _BRANCH = re.compile(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)")
 
 
