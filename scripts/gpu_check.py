@@ -8,10 +8,12 @@ On an NVIDIA GPU it
    (32/64/128), activation dtype (fp16/bf16) and M in {1, 4, 16, 64, 256} on a
    few layer shapes, with the bounds of ``tests/unit/test_triton_kernels.py``
    (GPU casts round to nearest, so the output bound is the unit roundoff ``u``);
-2. times the kernels against a dense ``x @ W`` in the same dtype with CUDA
-   events (L2 flushed before every call, median of ``--reps``) and prints a
-   markdown table: time, effective GB/s of weight bytes read (packed levels +
-   fp32 scales/zeros; fp16/bf16 for dense), speed-up over dense;
+2. times the kernels against dense ``x @ W`` in fp32 and in bf16 with CUDA
+   events (L2 flushed before every call, median of ``--reps``), as ``qalora
+   bench kernels`` does on CPU, and prints a markdown table: time, effective
+   GB/s of weight bytes read (packed levels + fp32 scales/zeros), speed-up
+   over dense fp32 and dense bf16, next to the device's measured streaming read
+   bandwidth;
 3. measures the GEMV/GEMM crossover M and compares it with ``GEMV_MAX_M``.
 
 Usage::
@@ -54,7 +56,8 @@ GEMM_TRUE_REF_FACTOR = 8.0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="576x1536,4096x4096", help="KxN layers for the correctness sweep")
-    p.add_argument("--timing-shapes", default="576x1536,1536x576,4096x4096,4096x11008", help="KxN layers to time")
+    p.add_argument("--timing-shapes", default="576x576,576x1536,1536x576,4096x4096,4096x11008,11008x4096",
+                   help="KxN layers to time")
     p.add_argument("--bits", default="2,3,4,8")
     p.add_argument("--groups", default="32,64,128")
     p.add_argument("--dtypes", default="float16,bfloat16")
@@ -108,6 +111,8 @@ class Checker:
         self.cuda = device.type == "cuda"
         # A buffer larger than any L2 (H100/H200: 50 MiB), zeroed before each timed call.
         self.flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device) if self.cuda else None
+        self._dense: dict[tuple[int, int, int], dict[str, float]] = {}
+        self.bandwidth_gbs: float | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -209,6 +214,31 @@ class Checker:
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
 
+    def dense_us(self, k: int, n: int, m: int, w64: Any) -> dict[str, float]:
+        """Dense ``x @ W`` in fp32 and bf16 for one (K, N, M), timed once per run (not per bit width)."""
+        key = (k, n, m)
+        if key not in self._dense:
+            torch = self.torch
+            self._dense[key] = {}
+            for name in ("float32", "bfloat16"):
+                dtype = getattr(torch, name)
+                x = torch.randn(m, k, device=self.device).to(dtype)
+                self._dense[key][name] = self.time_us(torch.matmul, x, w64.to(dtype))
+        return self._dense[key]
+
+    def read_gbps(self) -> float:
+        """Streaming read bandwidth of the device: a sum over 1 GiB (CPU dry run: 64 MiB).
+
+        Its own buffer, not ``flush``: ``time_us`` zeroes ``flush`` before every call,
+        which would leave the buffer's tail in L2.
+        """
+        torch = self.torch
+        buf = torch.ones((2**28 if self.cuda else 2**24), dtype=torch.int32, device=self.device)
+        buf_bytes = buf.numel() * buf.element_size()
+        us = self.time_us(torch.sum, buf)
+        del buf
+        return buf_bytes / us / 1e3
+
     def run_timing(self) -> None:
         torch, tf = self.torch, self.tf
         for k, n in shapes(self.args.timing_shapes):
@@ -220,20 +250,20 @@ class Checker:
                 lay = self.layer(k, n, bits, group, seed=bits)
                 for dtype_name in self.args.dtypes.split(","):
                     dtype = getattr(torch, dtype_name)
-                    w_dense = lay["w64"].to(dtype)
                     spec, weights = lay["spec"], lay["weights"]
                     for m in ints(self.args.m):
                         x = torch.randn(m, k, device=self.device).to(dtype)
-                        t_dense = self.time_us(torch.matmul, x, w_dense)
+                        dense = self.dense_us(k, n, m, lay["w64"])
                         t_gemv = self.time_us(tf.gemv, x, weights, spec)
                         t_gemm = self.time_us(tf.gemm, x, weights, spec)
                         path = "gemv" if m <= tf.GEMV_MAX_M else "gemm"
                         t_fwd = t_gemv if path == "gemv" else t_gemm
                         self.timings.append({
                             "shape": f"{k}x{n}", "bits": bits, "group": group, "dtype": dtype_name, "m": m,
-                            "dense_us": t_dense, "gemv_us": t_gemv, "gemm_us": t_gemm, "path": path,
-                            "weight_gbs": lay["bytes"] / t_fwd / 1e3, "dense_gbs": k * n * 2 / t_dense / 1e3,
-                            "speedup": t_dense / t_fwd,
+                            "dense_fp32_us": dense["float32"], "dense_bf16_us": dense["bfloat16"],
+                            "gemv_us": t_gemv, "gemm_us": t_gemm, "path": path,
+                            "weight_gbs": lay["bytes"] / t_fwd / 1e3,
+                            "vs_fp32": dense["float32"] / t_fwd, "vs_bf16": dense["bfloat16"] / t_fwd,
                         })  # fmt: skip
                 del lay
                 print(f"[{self.elapsed():6.1f}s] timed {k}x{n} {bits}-bit", flush=True)
@@ -272,13 +302,18 @@ class Checker:
                     f"error / max|y|: gemv {worst['gemv']:.2e}, gemm vs dtype-rounded W {worst['gemm_vs_rounded_w']:.2e}, "
                     f"gemm vs exact W {worst['gemm']:.2e}; failures: {len(self.failures)}"
                     + (" (sweep INCOMPLETE: budget)" if self.incomplete else ""), ""]
+        if self.bandwidth_gbs is not None:
+            out += [(f"Streaming read bandwidth (a sum over 1 GiB; 64 MiB in the CPU dry run): "
+                     f"{self.bandwidth_gbs:.0f} GB/s"), ""]
         if self.timings:
-            out += ["| K x N | bits | G | dtype | M | dense us | gemv us | gemm us | forward | weight GB/s | dense GB/s | speed-up |",
-                    "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            out += [("| K x N | bits | G | dtype | M | dense fp32 us | dense bf16 us | gemv us | gemm us | forward "
+                     "| weight GB/s | vs dense fp32 | vs dense bf16 |"),
+                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in self.timings:
                 out.append(f"| {r['shape']} | {r['bits']} | {r['group']} | {r['dtype']} | {r['m']} | "
-                           f"{r['dense_us']:.1f} | {r['gemv_us']:.1f} | {r['gemm_us']:.1f} | {r['path']} | "
-                           f"{r['weight_gbs']:.0f} | {r['dense_gbs']:.0f} | {r['speedup']:.2f}x |")
+                           f"{r['dense_fp32_us']:.1f} | {r['dense_bf16_us']:.1f} | {r['gemv_us']:.1f} | "
+                           f"{r['gemm_us']:.1f} | {r['path']} | {r['weight_gbs']:.0f} | "
+                           f"{r['vs_fp32']:.2f}x | {r['vs_bf16']:.2f}x |")
             out.append("")
         for c in self.crossover:
             pts = ", ".join(f"M={r['m']}: {r['gemv_us']:.0f}/{r['gemm_us']:.0f}" for r in c["rows"])
@@ -307,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     checker = Checker(args, device)
     checker.run_checks()
     if not args.skip_timing:
+        checker.bandwidth_gbs = checker.read_gbps()
         checker.run_timing()
         if checker.elapsed() <= args.budget_s:
             checker.run_crossover()
@@ -316,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"device": name, "checks": checker.checks, "timings": checker.timings,
                                          "crossover": checker.crossover, "failures": checker.failures,
+                                         "read_gbs": checker.bandwidth_gbs,
                                          "incomplete": checker.incomplete, "elapsed_s": checker.elapsed()}, indent=1))
     print(f"total {checker.elapsed():.0f} s")
     if checker.failures:

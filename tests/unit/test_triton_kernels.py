@@ -32,6 +32,7 @@ this file on a CUDA machine, with the round-to-nearest bounds).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -255,3 +256,26 @@ def test_real_smollm2_layer(smollm2_dir: Path) -> None:
             w = dequantize(qweight, scales, zeros, spec, torch.float64)
             slack = float((x.double().abs() @ w.abs()).max() / ref.abs().max()) if fn is tf.gemm else 0.0
             assert rel_err(fn(x.to(DEVICE), weights, spec), ref) <= u * (1 + slack) + 1e-5, (dtype, m)
+
+
+def test_gpu_check_script_dry_run(tmp_path: Path) -> None:
+    """``scripts/gpu_check.py`` (the one prepared GPU run) works end to end, as a CPU dry run.
+
+    Its numbers mean nothing under the interpreter; this keeps the script from rotting
+    between the sessions that get a GPU: correctness sweep, timing table (dense fp32 and
+    bf16 in the same run), bandwidth, crossover and the JSON dump.
+    """
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "gpu_check.json"
+    run = subprocess.run(
+        [sys.executable, str(root / "scripts" / "gpu_check.py"), "--cpu-interpret", "--bits", "3,4",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert result["failures"] == [] and result["checks"] and result["crossover"]
+    assert result["read_gbs"] > 0
+    row = result["timings"][0]
+    assert row["dense_fp32_us"] > 0 and row["dense_bf16_us"] > 0 and row["vs_fp32"] > 0
+    assert "vs dense fp32 | vs dense bf16" in run.stdout
