@@ -23,6 +23,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "qalora_dequant_bf16.h"
@@ -129,6 +130,53 @@ void dequant_tile_pairs_any(const LayerView& L, int64_t qt, int64_t nquads, int6
   }
 }
 
+// The heads of a quad- or dot-layout tile's streams (quads [qt, qt + nquads), blocks
+// [b0, b0 + nb)), pulled into L2 a slice at a time while the micro-kernel works on
+// the tile before it. dequant_tile_pairs prefetches each quad's levels 1 KB ahead of
+// where it reads, so the first 1 KB of every stream (and the scales) was left to
+// demand misses and the hardware prefetchers, which have no time to train on
+// streams this short (K = 576: 18 lines of 4-bit levels per quad). Cold, that made
+// an 8-bit 576x1536 layer 0.87-1.02x dense bf16 at M = 64; with the heads prefetched
+// during the previous tile's compute, 1.24-1.30x (A/B in docs/BENCHMARKS.md). Each
+// quad contributes two segments, the head of its levels and of its scales.
+class TilePrefetcher {
+ public:
+  static constexpr int64_t kStreamHead = 1024;  // dequant_tile_pairs' prefetch distance
+  TilePrefetcher(const LayerView& L, int64_t qt, int64_t nquads, int64_t b0, int64_t nb)
+      : L_(L), qt_(qt), nquads_(nquads), b0_(b0) {
+    const int64_t g0 = b0 / L.bpg(), g1 = (b0 + nb + L.bpg() - 1) / L.bpg();
+    // Heads only: prefetching whole tiles measured 5-10% slower at K = 4096, whose
+    // long streams the hardware prefetchers already follow.
+    q_bytes_ = std::min<int64_t>(nb * 16 * L.bits, kStreamHead);
+    s_bytes_ = std::min<int64_t>((g1 - g0) * 8 * static_cast<int64_t>(sizeof(float)), kStreamHead);
+    s_first_ = g0 * 8;
+    total_lines_ = nquads * ((q_bytes_ + 63) / 64 + (s_bytes_ + 63) / 64);
+  }
+  int64_t total_lines() const { return total_lines_; }
+  // Issue the next `lines` line prefetches (fewer at the end).
+  void advance(int64_t lines) {
+    for (; lines > 0 && quad_ < nquads_; --lines) {
+      const int64_t q = qt_ + quad_;
+      const char* base = in_scales_ ? reinterpret_cast<const char*>(L_.quad_s(q) + s_first_)
+                                    : reinterpret_cast<const char*>(L_.quad_q(q) + b0_ * 16 * L_.bits);
+      _mm_prefetch(base + offset_, _MM_HINT_T1);
+      offset_ += 64;
+      if (offset_ >= (in_scales_ ? s_bytes_ : q_bytes_)) {
+        offset_ = 0;
+        in_scales_ = !in_scales_;
+        if (!in_scales_) ++quad_;
+      }
+    }
+  }
+
+ private:
+  const LayerView& L_;
+  int64_t qt_, nquads_, b0_;
+  int64_t q_bytes_ = 0, s_bytes_ = 0, s_first_ = 0, total_lines_ = 0;
+  int64_t quad_ = 0, offset_ = 0;
+  bool in_scales_ = false;
+};
+
 // Columns [n0, n0 + ncols) of every row of the fp32 y rounded into the bf16 output.
 void store_rows_bf16(const float* y, int64_t M, int64_t N, int64_t n0, int64_t ncols, uint16_t* out) {
   for (int64_t m = 0; m < M; ++m) {
@@ -146,6 +194,8 @@ template <int BITS>
 void bf16_gemm_range(const LayerView& L, const uint16_t* x, int64_t M, float* y, uint16_t* out, int64_t q0,
                      int64_t q1, uint16_t* w, float* f32buf) {
   const int64_t K = L.K;
+  // The plane layout's tiles go through the fp32 tile code, which has its own access order.
+  const bool prefetch_next = L.layout != kPlaneLayout;
   for (int64_t qt = q0; qt < q1; qt += kGemmQuads) {
     const int64_t nquads = q1 - qt < kGemmQuads ? q1 - qt : kGemmQuads;
     const int64_t n0 = qt * 4, ncols = L.N - n0 < nquads * 4 ? L.N - n0 : nquads * 4;
@@ -159,10 +209,25 @@ void bf16_gemm_range(const LayerView& L, const uint16_t* x, int64_t M, float* y,
       } else {
         dequant_tile_pairs_any(L, qt, nquads, k0 / 32, kc / 32, w, f32buf);
       }
+      // This thread's next tile: the next K tile of these quads, else the next quads' first.
+      const int64_t next_k0 = k0 + kBf16KC < K ? k0 + kBf16KC : 0;
+      const int64_t next_qt = next_k0 ? qt : qt + kGemmQuads;
+      const int64_t next_nq = q1 - next_qt < kGemmQuads ? q1 - next_qt : kGemmQuads;
+      const int64_t next_kc = K - next_k0 < kBf16KC ? K - next_k0 : kBf16KC;
+      TilePrefetcher next(L, next_qt, prefetch_next && next_nq > 0 ? next_nq : 0, next_k0 / 32, next_kc / 32);
+      // Spread its lines over the micro-kernel calls of this tile (one per 6 rows, about).
+      const int64_t per_call = (next.total_lines() + (M + 5) / 6 - 1) / ((M + 5) / 6);
       int64_t m = 0;
-      for (; m + 6 <= M; m += 6) micro_rows<6>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols, first);
-      for (; m + 4 <= M; m += 4) micro_rows<4>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols, first);
+      for (; m + 6 <= M; m += 6) {
+        next.advance(per_call);
+        micro_rows<6>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols, first);
+      }
+      for (; m + 4 <= M; m += 4) {
+        next.advance(per_call);
+        micro_rows<4>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols, first);
+      }
       for (; m < M; ++m) micro_rows<1>(x + m * K + k0, K, w, kc / 2, y + m * L.N + n0, L.N, ncols, first);
+      next.advance(next.total_lines());  // whatever the row blocks left (small M)
     }
     if (out != nullptr) store_rows_bf16(y, M, L.N, n0, ncols, out);
   }
